@@ -1,0 +1,13 @@
+"""dora_kernels: fused Triton kernels for DoRA (arXiv 2402.09353), forward and backward.
+
+    y = (m / ‖W0 + s·B·A‖) ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias
+
+``dora_linear`` is the differentiable op; ``DoRALinear`` the module. CUDA tensors run the
+compiled kernels; CPU tensors run them through Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before import, and a pure-torch path otherwise.
+"""
+
+from .ops import DoRAFunction, dora_linear, dropout_mask, weight_norm
+
+__all__ = ["DoRAFunction", "dora_linear", "dropout_mask", "weight_norm"]
+__version__ = "0.1.0"

@@ -1,0 +1,353 @@
+"""Triton kernels for DoRA.
+
+Names (``nn.Linear`` convention): ``x (N, K)`` tokens × in, ``W (M, K)`` out × in,
+``A (R, K)``, ``B (M, R)``, ``m, n (M,)``; ``s`` the scaling; ``g = m / n`` (0 where n = 0).
+
+Conventions: output pointers first, each input pointer followed by its strides, then sizes,
+then ``tl.constexpr`` meta-parameters. Values are upcast to fp32 right after the load
+wherever they enter arithmetic; GEMM operands stay in their storage dtype so the tensor
+cores see bf16/fp16, except under the interpreter (``UPCAST``), whose bf16 arithmetic is
+wrong. ``LORA_F32`` runs the rank-r products in fp32 (adapters wider than x, or fp32 x).
+Reductions over tokens write per-program fp32 partials that a second kernel sums:
+deterministic, no atomics.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _keep_mask(seed, o_n, o_k, K, p):
+    # The dropout keep-mask of x[o_n, o_k]: one Philox draw per element of x, keyed by its
+    # flat index (wrapping at 2**32), so every kernel that needs x̃ rebuilds the same mask.
+    offs = (o_n[:, None] * K + o_k[None, :]).to(tl.uint32)
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def _norm_kernel(
+    n_ptr,  # out (M,) fp32: ‖W0 + s·B·A‖ per row
+    wa_ptr, stride_wan,  # out (M, R) fp32: W0·Aᵀ (only with WITH_WA: the exact norm gradient needs it)
+    w_ptr, stride_wm, stride_wk,  # W0: row, column
+    a_ptr, stride_ar, stride_ak,  # A: rank, column
+    b_ptr, stride_bm, stride_br,  # B: row, rank
+    M, K, R, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    WITH_WA: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    o_r = tl.arange(0, BLOCK_R)
+    b_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_w = tl.load(w_ptr + o_m[:, None] * stride_wm + o_k[None, :] * stride_wk,
+                      mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_ba = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            m_r = (r0 + o_r) < R
+            b_b = tl.load(b_ptr + o_m[:, None] * stride_bm + (r0 + o_r)[None, :] * stride_br,
+                          mask=m_m[:, None] & m_r[None, :], other=0.0)
+            b_a = tl.load(a_ptr + (r0 + o_r)[:, None] * stride_ar + o_k[None, :] * stride_ak,
+                          mask=m_r[:, None] & m_k[None, :], other=0.0)
+            if LORA_F32 or UPCAST:
+                b_b = b_b.to(tl.float32)
+                b_a = b_a.to(tl.float32)
+            b_ba = tl.dot(b_b, b_a, b_ba, input_precision=PREC)
+            if WITH_WA:
+                p_wa = wa_ptr + o_m[:, None] * stride_wan + (r0 + o_r)[None, :]
+                m_wa = m_m[:, None] & m_r[None, :]
+                b_wa = tl.dot(b_w.to(tl.float32), tl.trans(b_a.to(tl.float32)), input_precision=PREC)
+                if k0 > 0:
+                    b_wa += tl.load(p_wa, mask=m_wa, other=0.0)
+                tl.store(p_wa, b_wa, mask=m_wa)
+        b_v = b_w.to(tl.float32) + scaling * b_ba
+        b_sq += tl.sum(b_v * b_v, axis=1)
+    tl.store(n_ptr + o_m, tl.sqrt(b_sq), mask=m_m)
+
+
+@triton.jit
+def _xa_kernel(
+    xa_ptr,  # out (N, R) fp32, contiguous: x̃·Aᵀ
+    x_ptr, stride_xn, stride_xk,  # x: token, column
+    a_ptr, stride_ar, stride_ak,  # A: rank, column
+    N, K, R, p, seed, inv_keep,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_n = o_n < N
+    m_r = o_r < R
+    b_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
+                      mask=m_n[:, None] & m_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            b_x = tl.where(_keep_mask(seed, o_n, o_k, K, p), b_x, 0.0)
+        b_at = tl.load(a_ptr + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak,
+                       mask=m_r[None, :] & m_k[:, None], other=0.0)
+        if LORA_F32 or UPCAST:
+            b_x = b_x.to(tl.float32)
+            b_at = b_at.to(tl.float32)
+        else:
+            b_x = b_x.to(b_at.dtype)
+        b_acc = tl.dot(b_x, b_at, b_acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        b_acc = b_acc * inv_keep
+    tl.store(xa_ptr + o_n[:, None] * R + o_r[None, :], b_acc, mask=m_n[:, None] & m_r[None, :])
+
+
+@triton.jit
+def _fwd_kernel(
+    y_ptr, stride_yn, stride_ym,  # out (N, M): y
+    ud_ptr, stride_udn, stride_udm,  # out (N, M): ũ = x̃·W0ᵀ + s·x̃·Aᵀ·Bᵀ (only with HAS_DROPOUT)
+    x_ptr, stride_xn, stride_xk,  # x: token, column
+    w_ptr, stride_wm, stride_wk,  # W0: row, column
+    b_ptr, stride_bm, stride_br,  # B: row, rank
+    xa_ptr,  # (N, R) fp32, contiguous
+    mag_ptr, norm_ptr, bias_ptr,  # (M,) each
+    N, M, K, R, scaling, p, seed, inv_keep,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias                                   (no dropout)
+    # y = x·W0ᵀ + bias + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ s·xa·Bᵀ, xa = x̃·Aᵀ    (dropout; PEFT's order)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.cdiv(M, BLOCK_M)
+    # Grouped order: GROUP_N token blocks share each W0 column panel while it sits in L2.
+    group = pid // (GROUP_N * num_m)
+    first_n = group * GROUP_N
+    size_n = min(num_n - first_n, GROUP_N)
+    pid_n = (first_n + (pid % (GROUP_N * num_m)) % size_n).to(tl.int64)
+    pid_m = ((pid % (GROUP_N * num_m)) // size_n).to(tl.int64)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_n = o_n < N
+    m_m = o_m < M
+    b_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if HAS_DROPOUT:
+        b_accd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
+                      mask=m_n[:, None] & m_k[None, :], other=0.0)
+        b_wt = tl.load(w_ptr + o_m[None, :] * stride_wm + o_k[:, None] * stride_wk,
+                       mask=m_m[None, :] & m_k[:, None], other=0.0)
+        if UPCAST:
+            b_x = b_x.to(tl.float32)
+            b_wt = b_wt.to(tl.float32)
+        b_acc = tl.dot(b_x, b_wt, b_acc, input_precision=PREC)
+        if HAS_DROPOUT:
+            # x·keep is exact in x's dtype; 1/(1 − p) is applied to the fp32 sum.
+            b_xd = tl.where(_keep_mask(seed, o_n, o_k, K, p), b_x, 0.0).to(b_x.dtype)
+            b_accd = tl.dot(b_xd, b_wt, b_accd, input_precision=PREC)
+    o_r = tl.arange(0, BLOCK_R)
+    b_lora = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        m_r = (r0 + o_r) < R
+        b_xa = tl.load(xa_ptr + o_n[:, None] * R + (r0 + o_r)[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+        b_bt = tl.load(b_ptr + o_m[None, :] * stride_bm + (r0 + o_r)[:, None] * stride_br,
+                       mask=m_m[None, :] & m_r[:, None], other=0.0).to(tl.float32)
+        b_lora = tl.dot(b_xa, b_bt, b_lora, input_precision=PREC)
+    b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
+    b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
+    if HAS_DROPOUT:
+        b_ud = b_accd * inv_keep + scaling * b_lora
+        b_y = b_acc + b_g[None, :] * b_ud - b_accd * inv_keep
+        tl.store(ud_ptr + o_n[:, None] * stride_udn + o_m[None, :] * stride_udm,
+                 b_ud.to(ud_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
+    else:
+        b_y = b_g[None, :] * (b_acc + scaling * b_lora)
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + o_n[:, None] * stride_yn + o_m[None, :] * stride_ym,
+             b_y.to(y_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
+
+
+@triton.jit
+def _bwd_g_kernel(
+    gb_ptr,  # out (S, N, R) fp32: per column split, (G ⊙ g)·B
+    dm_ptr,  # out (T, M) fp32: per token group, Σ_tokens G ⊙ u
+    db_ptr,  # out (T, M, R) fp32: per token group, (G ⊙ g)ᵀ·xa
+    g_ptr, stride_gn, stride_gm,  # G = dL/dy: token, column
+    u_ptr, stride_un, stride_um,  # y (U_IS_Y) or ũ: token, column
+    xa_ptr,  # (N, R) fp32, contiguous
+    b_ptr, stride_bm, stride_br,  # B: row, rank
+    mag_ptr, norm_ptr, bias_ptr,  # (M,) each
+    N, M, R, TOK_PER_PROG, COL_PER_PROG,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, U_IS_Y: tl.constexpr, PREC: tl.constexpr,
+):
+    # One pass over G. Program (t, s, c) covers TOK_PER_PROG tokens × COL_PER_PROG columns ×
+    # one rank chunk; it owns its slices of the dm/dB partials (read-modify-write, no races).
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    o_r = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+    tok0 = pid_t * TOK_PER_PROG
+    col0 = pid_s * COL_PER_PROG
+    for n0 in range(tok0, tl.minimum(tok0 + TOK_PER_PROG, N), BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_xa = tl.load(xa_ptr + o_n[:, None] * R + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+        b_gb = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for m0 in range(col0, tl.minimum(col0 + COL_PER_PROG, M), BLOCK_M):
+            o_m = m0 + tl.arange(0, BLOCK_M)
+            m_m = o_m < M
+            m_nm = m_n[:, None] & m_m[None, :]
+            b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
+            b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
+            b_G = tl.load(g_ptr + o_n[:, None] * stride_gn + o_m[None, :] * stride_gm, mask=m_nm, other=0.0)
+            b_G = b_G.to(tl.float32)
+            b_gs = b_G * b_g[None, :]
+            b_bm = tl.load(b_ptr + o_m[:, None] * stride_bm + o_r[None, :] * stride_br,
+                           mask=m_m[:, None] & m_r[None, :], other=0.0).to(tl.float32)
+            b_gb = tl.dot(b_gs, b_bm, b_gb, input_precision=PREC)
+            # The first token block of the program starts the partials; later ones add to them.
+            m_prev = (o_m * 0 + n0) > tok0
+            p_db = db_ptr + (pid_t * M + o_m[:, None]) * R + o_r[None, :]
+            m_db = m_m[:, None] & m_r[None, :]
+            b_db = tl.dot(tl.trans(b_gs), b_xa, input_precision=PREC)
+            b_db += tl.load(p_db, mask=m_db & m_prev[:, None], other=0.0)
+            tl.store(p_db, b_db, mask=m_db)
+            if pid_c == 0:
+                b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um, mask=m_nm, other=0.0)
+                b_u = b_u.to(tl.float32)
+                if U_IS_Y:
+                    # u = (y − bias) / g; a row with g = 0 carries no u (documented: dm = 0 there).
+                    if HAS_BIAS:
+                        b_u -= tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
+                    b_inv = tl.where(b_g != 0, 1.0 / tl.where(b_g != 0, b_g, 1.0), 0.0)
+                    b_u = b_u * b_inv[None, :]
+                p_dm = dm_ptr + pid_t * M + o_m
+                b_dm = tl.sum(b_G * b_u, axis=0)
+                b_dm += tl.load(p_dm, mask=m_m & m_prev, other=0.0)
+                tl.store(p_dm, b_dm, mask=m_m)
+        tl.store(gb_ptr + (pid_s * N + o_n[:, None]) * R + o_r[None, :], b_gb, mask=m_n[:, None] & m_r[None, :])
+
+
+@triton.jit
+def _dx_kernel(
+    dx_ptr, stride_dxn, stride_dxk,  # out (N, K): dx
+    da_ptr,  # out (T, R, K) fp32: per token block, gbᵀ·(x ⊙ keep)
+    g_ptr, stride_gn, stride_gm,  # G: token, column
+    w_ptr, stride_wm, stride_wk,  # W0: row, column
+    a_ptr, stride_ar, stride_ak,  # A: rank, column
+    x_ptr, stride_xn, stride_xk,  # x: token, column
+    gb_ptr,  # (S, N, R) fp32 partials of gb = (G ⊙ g)·B
+    mag_ptr, norm_ptr,  # (M,) each
+    N, M, K, R, S, scaling, p, seed, inv_keep,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, WITH_DX: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # Without WITH_DX (x needs no gradient) only the dA partials are made.
+    # dx = (G ⊙ g)·W0 + s·gb·A                                            (no dropout)
+    # dx = G·W0 + keep/(1 − p) ⊙ [((g − 1) ⊙ G)·W0 + s·gb·A]               (dropout)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_k = tl.cdiv(K, BLOCK_K)
+    group = pid // (GROUP_N * num_k)
+    first_n = group * GROUP_N
+    size_n = min(num_n - first_n, GROUP_N)
+    pid_n = (first_n + (pid % (GROUP_N * num_k)) % size_n).to(tl.int64)
+    pid_k = ((pid % (GROUP_N * num_k)) // size_n).to(tl.int64)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_n = o_n < N
+    m_k = o_k < K
+    b_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if HAS_DROPOUT:
+        b_accd = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if WITH_DX:
+        for m0 in range(0, M, BLOCK_M):
+            o_m = m0 + tl.arange(0, BLOCK_M)
+            m_m = o_m < M
+            b_G = tl.load(g_ptr + o_n[:, None] * stride_gn + o_m[None, :] * stride_gm,
+                          mask=m_n[:, None] & m_m[None, :], other=0.0)
+            b_w = tl.load(w_ptr + o_m[:, None] * stride_wm + o_k[None, :] * stride_wk,
+                          mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+            b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
+            b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
+            if UPCAST:
+                b_w = b_w.to(tl.float32)
+            if HAS_DROPOUT:
+                b_acc = tl.dot(b_G.to(b_w.dtype), b_w, b_acc, input_precision=PREC)
+                b_gd = (b_G.to(tl.float32) * (b_g - 1.0)[None, :]).to(b_w.dtype)
+                b_accd = tl.dot(b_gd, b_w, b_accd, input_precision=PREC)
+            else:
+                b_gs = (b_G.to(tl.float32) * b_g[None, :]).to(b_w.dtype)
+                b_acc = tl.dot(b_gs, b_w, b_acc, input_precision=PREC)
+    if HAS_DROPOUT:
+        m_keep = _keep_mask(seed, o_n, o_k, K, p)
+    b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
+                  mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        b_x = tl.where(m_keep, b_x, 0.0)
+    o_r = tl.arange(0, BLOCK_R)
+    b_lora = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        m_r = (r0 + o_r) < R
+        b_gb = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for s in range(0, S):
+            b_gb += tl.load(gb_ptr + (s * N + o_n[:, None]) * R + (r0 + o_r)[None, :],
+                            mask=m_n[:, None] & m_r[None, :], other=0.0)
+        b_a = tl.load(a_ptr + (r0 + o_r)[:, None] * stride_ar + o_k[None, :] * stride_ak,
+                      mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_lora = tl.dot(b_gb, b_a, b_lora, input_precision=PREC)
+        b_da = tl.dot(tl.trans(b_gb), b_x, input_precision=PREC)
+        tl.store(da_ptr + (pid_n * R + (r0 + o_r)[:, None]) * K + o_k[None, :], b_da,
+                 mask=m_r[:, None] & m_k[None, :])
+    if WITH_DX:
+        if HAS_DROPOUT:
+            b_dx = b_acc + tl.where(m_keep, (b_accd + scaling * b_lora) * inv_keep, 0.0)
+        else:
+            b_dx = b_acc + scaling * b_lora
+        tl.store(dx_ptr + o_n[:, None] * stride_dxn + o_k[None, :] * stride_dxk,
+                 b_dx.to(dx_ptr.dtype.element_ty), mask=m_n[:, None] & m_k[None, :])
+
+
+@triton.jit
+def _sum_partials_kernel(
+    out_ptr,  # out (L,): scale · colscale[j % C] · Σ_t part[t, j], in out's dtype
+    part_ptr,  # (T, L) fp32, contiguous
+    colscale_ptr,  # (C,) fp32 (only with HAS_COLSCALE)
+    T, L, C, scale,
+    BLOCK: tl.constexpr, HAS_COLSCALE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    o_l = pid * BLOCK + tl.arange(0, BLOCK)
+    m_l = o_l < L
+    b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in range(0, T):
+        b_acc += tl.load(part_ptr + t * L + o_l, mask=m_l, other=0.0)
+    b_acc = b_acc * scale
+    if HAS_COLSCALE:
+        b_acc *= tl.load(colscale_ptr + o_l % C, mask=m_l, other=0.0)
+    tl.store(out_ptr + o_l, b_acc.to(out_ptr.dtype.element_ty), mask=m_l)
+
+
+@triton.jit
+def _mask_kernel(
+    out_ptr,  # out (N, K) int8: the dropout keep-mask the other kernels build from `seed`
+    N, K, p, seed,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    o_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = (o_n < N)[:, None] & (o_k < K)[None, :]
+    tl.store(out_ptr + o_n[:, None] * K + o_k[None, :], _keep_mask(seed, o_n, o_k, K, p).to(tl.int8), mask=m)
