@@ -7,7 +7,8 @@ compiled kernels; CPU tensors run them through Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before import, and a pure-torch path otherwise.
 """
 
+from .modules import DoRALinear
 from .ops import DoRAFunction, dora_linear, dropout_mask, weight_norm
 
-__all__ = ["DoRAFunction", "dora_linear", "dropout_mask", "weight_norm"]
+__all__ = ["DoRAFunction", "DoRALinear", "dora_linear", "dropout_mask", "weight_norm"]
 __version__ = "0.1.0"
