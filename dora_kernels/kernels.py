@@ -129,36 +129,47 @@ def _fwd_kernel(
     size_n = min(num_n - first_n, GROUP_N)
     pid_n = (first_n + (pid % (GROUP_N * num_m)) % size_n).to(tl.int64)
     pid_m = ((pid % (GROUP_N * num_m)) // size_n).to(tl.int64)
-    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    i_n = tl.arange(0, BLOCK_N)
+    i_m = tl.arange(0, BLOCK_M)
+    i_k = tl.arange(0, BLOCK_K)
+    o_n = pid_n * BLOCK_N + i_n
+    o_m = pid_m * BLOCK_M + i_m
     m_n = o_n < N
     m_m = o_m < M
+    # 64-bit tile bases, 32-bit offsets inside the tile (fewer registers in the main loop).
+    p_x = x_ptr + pid_n * BLOCK_N * stride_xn + (i_n[:, None] * stride_xn + i_k[None, :] * stride_xk)
+    p_wt = w_ptr + pid_m * BLOCK_M * stride_wm + (i_m[None, :] * stride_wm + i_k[:, None] * stride_wk)
     b_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if HAS_DROPOUT:
         b_accd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < K
-        b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
-                      mask=m_n[:, None] & m_k[None, :], other=0.0)
-        b_wt = tl.load(w_ptr + o_m[None, :] * stride_wm + o_k[:, None] * stride_wk,
-                       mask=m_m[None, :] & m_k[:, None], other=0.0)
+        m_k = (k0 + i_k) < K
+        b_x = tl.load(p_x, mask=m_n[:, None] & m_k[None, :], other=0.0)
+        b_wt = tl.load(p_wt, mask=m_m[None, :] & m_k[:, None], other=0.0)
         if UPCAST:
             b_x = b_x.to(tl.float32)
             b_wt = b_wt.to(tl.float32)
         b_acc = tl.dot(b_x, b_wt, b_acc, input_precision=PREC)
         if HAS_DROPOUT:
             # x·keep is exact in x's dtype; 1/(1 − p) is applied to the fp32 sum.
-            b_xd = tl.where(_keep_mask(seed, o_n, o_k, K, p), b_x, 0.0).to(b_x.dtype)
+            b_xd = tl.where(_keep_mask(seed, o_n, k0 + i_k, K, p), b_x, 0.0).to(b_x.dtype)
             b_accd = tl.dot(b_xd, b_wt, b_accd, input_precision=PREC)
+        p_x += BLOCK_K * stride_xk
+        p_wt += BLOCK_K * stride_wk
+    # The rank-r term joins the x·W0ᵀ accumulator (a third 128×128 fp32 tile would spill);
+    # with dropout it stays apart (those tiles are half as wide).
     o_r = tl.arange(0, BLOCK_R)
-    b_lora = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if HAS_DROPOUT:
+        b_lora = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         m_r = (r0 + o_r) < R
         b_xa = tl.load(xa_ptr + o_n[:, None] * R + (r0 + o_r)[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
         b_bt = tl.load(b_ptr + o_m[None, :] * stride_bm + (r0 + o_r)[:, None] * stride_br,
                        mask=m_m[None, :] & m_r[:, None], other=0.0).to(tl.float32)
-        b_lora = tl.dot(b_xa, b_bt, b_lora, input_precision=PREC)
+        if HAS_DROPOUT:
+            b_lora = tl.dot(b_xa, b_bt, b_lora, input_precision=PREC)
+        else:
+            b_acc = tl.dot(b_xa * scaling, b_bt, b_acc, input_precision=PREC)
     b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
     b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
     b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
@@ -168,7 +179,7 @@ def _fwd_kernel(
         tl.store(ud_ptr + o_n[:, None] * stride_udn + o_m[None, :] * stride_udm,
                  b_ud.to(ud_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
     else:
-        b_y = b_g[None, :] * (b_acc + scaling * b_lora)
+        b_y = b_g[None, :] * b_acc
     if HAS_BIAS:
         b_y += tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + o_n[:, None] * stride_yn + o_m[None, :] * stride_ym,
@@ -299,7 +310,6 @@ def _dx_kernel(
     if HAS_DROPOUT:
         b_x = tl.where(m_keep, b_x, 0.0)
     o_r = tl.arange(0, BLOCK_R)
-    b_lora = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         m_r = (r0 + o_r) < R
         b_gb = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
@@ -308,17 +318,20 @@ def _dx_kernel(
                             mask=m_n[:, None] & m_r[None, :], other=0.0)
         b_a = tl.load(a_ptr + (r0 + o_r)[:, None] * stride_ar + o_k[None, :] * stride_ak,
                       mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_lora = tl.dot(b_gb, b_a, b_lora, input_precision=PREC)
+        if WITH_DX:
+            # s·gb·A joins the accumulator of the dropped path (or the only one).
+            if HAS_DROPOUT:
+                b_accd = tl.dot(b_gb * scaling, b_a, b_accd, input_precision=PREC)
+            else:
+                b_acc = tl.dot(b_gb * scaling, b_a, b_acc, input_precision=PREC)
         b_da = tl.dot(tl.trans(b_gb), b_x, input_precision=PREC)
         tl.store(da_ptr + (pid_n * R + (r0 + o_r)[:, None]) * K + o_k[None, :], b_da,
                  mask=m_r[:, None] & m_k[None, :])
     if WITH_DX:
         if HAS_DROPOUT:
-            b_dx = b_acc + tl.where(m_keep, (b_accd + scaling * b_lora) * inv_keep, 0.0)
-        else:
-            b_dx = b_acc + scaling * b_lora
+            b_acc += tl.where(m_keep, b_accd * inv_keep, 0.0)
         tl.store(dx_ptr + o_n[:, None] * stride_dxn + o_k[None, :] * stride_dxk,
-                 b_dx.to(dx_ptr.dtype.element_ty), mask=m_n[:, None] & m_k[None, :])
+                 b_acc.to(dx_ptr.dtype.element_ty), mask=m_n[:, None] & m_k[None, :])
 
 
 @triton.jit
