@@ -11,7 +11,8 @@ of meta-parameters. The rules, in short:
   enough programs stream W0. K steps are 64 wide for 16-bit inputs and 32 for fp32.
   Stages fill the arch's shared memory (see ``SHARED_LIMIT``), 2 to 4.
 * With dropout the forward carries two accumulators, so its output tile is halved.
-* Rank-r operands are padded to a power of two ≥ 16 and processed in chunks of at most 64.
+* Rank-r operands are padded to a power of two ≥ 16 and processed in chunks (16 or 32 in the
+  kernels whose tiles are register-bound, 64 in the x·Aᵀ pass).
 * Token reductions (the backward pass over G) size their programs so that about two waves
   of the GPU's SMs are busy; partials are then summed by a second, tiny kernel.
 
@@ -30,9 +31,6 @@ import torch
 SHARED_LIMIT = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024,
                 (9, 0): 227 * 1024, (10, 0): 227 * 1024, (12, 0): 99 * 1024}
 
-MAX_BLOCK_R = 64
-
-
 def shared_limit(arch) -> int:
     if arch is None:
         return 227 * 1024
@@ -48,10 +46,6 @@ def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
     return min(p, hi) if hi is not None else p
 
 
-def block_r(r: int) -> int:
-    return _pow2(r, 16, MAX_BLOCK_R)
-
-
 def _elsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -63,45 +57,81 @@ def _stages(per_stage: int, reserve: int, arch) -> int:
     return int(max(2, min(4, budget // per_stage)))
 
 
-def gemm_config(tokens: int, cols: int, red: int, dtype, arch, *, dual: bool = False) -> dict:
-    """Tile for a GEMM with ``tokens`` rows, ``cols`` output columns and reduction ``red``.
-
-    ``dual``: two fp32 accumulators (dropout), so the column tile is halved.
-    """
-    half = dtype in (torch.float16, torch.bfloat16)
+def _gemm_tile(tokens: int, cols: int, dtype) -> tuple[int, int, int, int]:
+    """(token rows, output columns, reduction step, warps) of a GEMM tile."""
+    if dtype == torch.float32:
+        # fp32 operands run as tf32x3 (three tf32 products): register-heavy, so smaller tiles.
+        if tokens >= 64:
+            return 64, 64, 32, 4
+        return _pow2(tokens, 16, 32), 32, 32, 4
     if tokens >= 128:
-        bn, bc, warps = 128, 128, 8
-    elif tokens >= 64:
-        bn, bc, warps = 64, 128, 4
+        return 128, 128, 64, 8
+    if tokens >= 64:
+        return 64, 128, 64, 4
+    return _pow2(tokens, 16, 64), (64 if cols >= 4096 else 32), 128, 4
+
+
+def _elbytes(dtype, arch) -> int:
+    return 4 if (arch is None or dtype == torch.float32) else 2
+
+
+def fwd_config(tokens: int, out_f: int, in_f: int, r: int, dtype, arch, *, dropout: bool = False) -> dict:
+    """``_fwd_kernel``: tokens × out tile, reducing over in. With dropout the kernel carries
+    two accumulators (x and x̃), so the out tile is halved."""
+    bn, bm, bk, warps = _gemm_tile(tokens, out_f, dtype)
+    if dropout:
+        # The in-loop Philox mask and the second accumulator need the registers of a wider tile.
+        bm = 32
+    stages = _stages((bn * bk + bk * bm) * _elbytes(dtype, arch), bn * bm * 2, arch)
+    return {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16, "GROUP_N": 8,
+            "num_warps": warps, "num_stages": stages}
+
+
+def dx_config(tokens: int, in_f: int, out_f: int, r: int, dtype, arch, *, dropout: bool = False,
+              need_dx: bool = True) -> dict:
+    """``_dx_kernel``: tokens × in tile (BLOCK_K), reducing over out (BLOCK_M). The main loop
+    scales G by g in registers and the tile also builds the dA partial, so it is narrower than
+    the forward's: 64 in-columns, or 128 on sm_90 for bf16 without dropout."""
+    bn, bk, bm, warps = _gemm_tile(tokens, in_f, dtype)
+    if dtype == torch.float32:
+        if dropout:
+            bk = 32
     else:
-        bn, bc, warps = _pow2(tokens, 16, 64), (64 if cols >= 4096 else 32), 4
-    if dual:
-        bc = max(32, bc // 2)
-    bk = (64 if half else 32) if tokens >= 64 else (128 if half else 64)
-    es = 4 if (arch is None or not half) else 2
-    per_stage = (bn * bk + bk * bc) * es
-    stages = _stages(per_stage, bn * bc * 4 // 2, arch)
-    return {"BLOCK_N": bn, "BLOCK_M": bc, "BLOCK_K": bk, "GROUP_N": 8, "num_warps": warps, "num_stages": stages}
+        wide = dtype == torch.bfloat16 and not dropout and tokens >= 128 and arch is not None and tuple(arch) >= (9, 0)
+        bk = 128 if wide else 64
+        if tokens >= 64:
+            bm = 32 if (dropout or dtype != torch.bfloat16) else 64
+    if not need_dx:
+        bn, bm, warps = min(bn, 64), 16, 4
+    stages = _stages((bn * bm + bm * bk) * _elbytes(dtype, arch), bn * bk * 2, arch)
+    if dtype == torch.float32:
+        stages = min(stages, 3)
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_R": 16, "GROUP_N": 8,
+            "num_warps": warps, "num_stages": stages}
 
 
-def norm_config(rows: int, k: int, r: int, dtype, arch) -> dict:
+def norm_config(rows: int, k: int, r: int, dtype, arch, *, with_wa: bool = False) -> dict:
     half = dtype in (torch.float16, torch.bfloat16)
-    return {"BLOCK_M": 32 if rows <= 4096 else 64, "BLOCK_K": 128 if half else 64, "BLOCK_R": block_r(r),
+    return {"BLOCK_M": 32, "BLOCK_K": 32 if with_wa else (128 if half else 64), "BLOCK_R": 16,
             "num_warps": 4, "num_stages": 1 if arch is None else 3}
 
 
 def xa_config(tokens: int, k: int, r: int, dtype, arch) -> dict:
-    half = dtype in (torch.float16, torch.bfloat16)
     bn = 64 if tokens >= 16384 else (32 if tokens >= 32 else 16)
-    return {"BLOCK_N": bn, "BLOCK_K": 128 if half else 64, "BLOCK_R": block_r(r),
+    return {"BLOCK_N": bn, "BLOCK_K": 64, "BLOCK_R": _pow2(r, 16, 32),
             "num_warps": 4, "num_stages": 1 if arch is None else 3}
 
 
 def bwd_g_config(tokens: int, cols: int, r: int, dtype, arch, num_sms: int) -> dict:
-    """Programs of TOK_PER_PROG tokens × COL_PER_PROG columns × one rank chunk, ~2 waves."""
-    bn = 64 if tokens >= 64 else _pow2(tokens, 16, 64)
-    bm = 64 if cols >= 64 else 32
-    br = block_r(r)
+    """Programs of TOK_PER_PROG tokens × COL_PER_PROG columns × one rank chunk, ~2 waves.
+
+    Rank chunks of 16, or 32 for bf16 with r > 16 (each chunk re-reads its G tiles); 64×32
+    tiles for chunks of 16, 32×32 for chunks of 32 (larger tiles spill on sm_80)."""
+    br = 32 if (r > 16 and dtype == torch.bfloat16 and tokens >= 64) else 16
+    bn = (64 if br == 16 else 32) if tokens >= 64 else _pow2(tokens, 16, 32)
+    if dtype != torch.bfloat16:
+        bn = min(bn, 32)
+    bm = 32
     chunks = -(-r // br)
     col_per = min(-(-cols // bm) * bm, 512)
     splits = -(-cols // col_per)

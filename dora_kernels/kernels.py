@@ -17,6 +17,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot_exact_bf16(a, v, acc, A_FIRST: tl.constexpr):
+    # acc + a·v (A_FIRST) or acc + v·a, for a exact in bf16 (G, x) and v fp32: v is split into
+    # three bf16 parts (hi + mid + lo = v to ~2⁻²⁴ relative), so three bf16 tensor-core dots
+    # give an fp32-accurate product without an fp32 copy of the large operand.
+    hi = v.to(tl.bfloat16)
+    r = v - hi.to(tl.float32)
+    mid = r.to(tl.bfloat16)
+    lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+    if A_FIRST:
+        acc = tl.dot(a, hi, acc)
+        acc = tl.dot(a, mid, acc)
+        acc = tl.dot(a, lo, acc)
+    else:
+        acc = tl.dot(hi, a, acc)
+        acc = tl.dot(mid, a, acc)
+        acc = tl.dot(lo, a, acc)
+    return acc
+
+
+@triton.jit
 def _keep_mask(seed, o_n, o_k, K, p):
     # The dropout keep-mask of x[o_n, o_k]: one Philox draw per element of x, keyed by its
     # flat index (wrapping at 2**32), so every kernel that needs x̃ rebuilds the same mask.
@@ -75,7 +95,8 @@ def _xa_kernel(
     a_ptr, stride_ar, stride_ak,  # A: rank, column
     N, K, R, p, seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
@@ -93,12 +114,12 @@ def _xa_kernel(
             b_x = tl.where(_keep_mask(seed, o_n, o_k, K, p), b_x, 0.0)
         b_at = tl.load(a_ptr + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak,
                        mask=m_r[None, :] & m_k[:, None], other=0.0)
-        if LORA_F32 or UPCAST:
-            b_x = b_x.to(tl.float32)
-            b_at = b_at.to(tl.float32)
+        if SPLIT:
+            b_acc = _dot_exact_bf16(b_x, b_at.to(tl.float32), b_acc, True)
+        elif LORA_F32 or UPCAST:
+            b_acc = tl.dot(b_x.to(tl.float32), b_at.to(tl.float32), b_acc, input_precision=PREC)
         else:
-            b_x = b_x.to(b_at.dtype)
-        b_acc = tl.dot(b_x, b_at, b_acc, input_precision=PREC)
+            b_acc = tl.dot(b_x.to(b_at.dtype), b_at, b_acc)
     if HAS_DROPOUT:
         b_acc = b_acc * inv_keep
     tl.store(xa_ptr + o_n[:, None] * R + o_r[None, :], b_acc, mask=m_n[:, None] & m_r[None, :])
@@ -116,7 +137,7 @@ def _fwd_kernel(
     N, M, K, R, scaling, p, seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, EPI_PREC: tl.constexpr,
 ):
     # y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias                                   (no dropout)
     # y = x·W0ᵀ + bias + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ s·xa·Bᵀ, xa = x̃·Aᵀ    (dropout; PEFT's order)
@@ -157,7 +178,8 @@ def _fwd_kernel(
         p_x += BLOCK_K * stride_xk
         p_wt += BLOCK_K * stride_wk
     # The rank-r term joins the x·W0ᵀ accumulator (a third 128×128 fp32 tile would spill);
-    # with dropout it stays apart (those tiles are half as wide).
+    # with dropout it stays apart (those tiles are half as wide). Its fp32 dot runs once per
+    # tile at EPI_PREC.
     o_r = tl.arange(0, BLOCK_R)
     if HAS_DROPOUT:
         b_lora = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -167,9 +189,9 @@ def _fwd_kernel(
         b_bt = tl.load(b_ptr + o_m[None, :] * stride_bm + (r0 + o_r)[:, None] * stride_br,
                        mask=m_m[None, :] & m_r[:, None], other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            b_lora = tl.dot(b_xa, b_bt, b_lora, input_precision=PREC)
+            b_lora = tl.dot(b_xa, b_bt, b_lora, input_precision=EPI_PREC)
         else:
-            b_acc = tl.dot(b_xa * scaling, b_bt, b_acc, input_precision=PREC)
+            b_acc = tl.dot(b_xa * scaling, b_bt, b_acc, input_precision=EPI_PREC)
     b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
     b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
     b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
@@ -198,7 +220,7 @@ def _bwd_g_kernel(
     mag_ptr, norm_ptr, bias_ptr,  # (M,) each
     N, M, R, TOK_PER_PROG, COL_PER_PROG,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr, U_IS_Y: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, U_IS_Y: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
     # One pass over G. Program (t, s, c) covers TOK_PER_PROG tokens × COL_PER_PROG columns ×
     # one rank chunk; it owns its slices of the dm/dB partials (read-modify-write, no races).
@@ -222,29 +244,34 @@ def _bwd_g_kernel(
             b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
             b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
             b_G = tl.load(g_ptr + o_n[:, None] * stride_gn + o_m[None, :] * stride_gm, mask=m_nm, other=0.0)
-            b_G = b_G.to(tl.float32)
-            b_gs = b_G * b_g[None, :]
             b_bm = tl.load(b_ptr + o_m[:, None] * stride_bm + o_r[None, :] * stride_br,
                            mask=m_m[:, None] & m_r[None, :], other=0.0).to(tl.float32)
-            b_gb = tl.dot(b_gs, b_bm, b_gb, input_precision=PREC)
+            # g scales B's rows and dB's rows instead of G, so G enters the dots as loaded:
+            # gb = G·(g ⊙ B), dB = g ⊙ (Gᵀ·xa).
+            b_c = b_bm * b_g[:, None]
+            if SPLIT:
+                b_gb = _dot_exact_bf16(b_G, b_c, b_gb, True)
+                b_gtx = _dot_exact_bf16(tl.trans(b_G), b_xa, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), True)
+            else:
+                b_Gf = b_G.to(tl.float32)
+                b_gb = tl.dot(b_Gf, b_c, b_gb, input_precision=PREC)
+                b_gtx = tl.dot(tl.trans(b_Gf), b_xa, input_precision=PREC)
             # The first token block of the program starts the partials; later ones add to them.
             m_prev = (o_m * 0 + n0) > tok0
             p_db = db_ptr + (pid_t * M + o_m[:, None]) * R + o_r[None, :]
             m_db = m_m[:, None] & m_r[None, :]
-            b_db = tl.dot(tl.trans(b_gs), b_xa, input_precision=PREC)
-            b_db += tl.load(p_db, mask=m_db & m_prev[:, None], other=0.0)
+            b_db = b_gtx * b_g[:, None] + tl.load(p_db, mask=m_db & m_prev[:, None], other=0.0)
             tl.store(p_db, b_db, mask=m_db)
             if pid_c == 0:
                 b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um, mask=m_nm, other=0.0)
                 b_u = b_u.to(tl.float32)
+                if U_IS_Y and HAS_BIAS:
+                    b_u -= tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
+                b_dm = tl.sum(b_G.to(tl.float32) * b_u, axis=0)
                 if U_IS_Y:
-                    # u = (y − bias) / g; a row with g = 0 carries no u (documented: dm = 0 there).
-                    if HAS_BIAS:
-                        b_u -= tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
-                    b_inv = tl.where(b_g != 0, 1.0 / tl.where(b_g != 0, b_g, 1.0), 0.0)
-                    b_u = b_u * b_inv[None, :]
+                    # Σ G ⊙ u = Σ G ⊙ (y − bias) / g; a row with g = 0 carries no u (dm = 0 there).
+                    b_dm = b_dm * tl.where(b_g != 0, 1.0 / tl.where(b_g != 0, b_g, 1.0), 0.0)
                 p_dm = dm_ptr + pid_t * M + o_m
-                b_dm = tl.sum(b_G * b_u, axis=0)
                 b_dm += tl.load(p_dm, mask=m_m & m_prev, other=0.0)
                 tl.store(p_dm, b_dm, mask=m_m)
         tl.store(gb_ptr + (pid_s * N + o_n[:, None]) * R + o_r[None, :], b_gb, mask=m_n[:, None] & m_r[None, :])
@@ -263,7 +290,7 @@ def _dx_kernel(
     N, M, K, R, S, scaling, p, seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, WITH_DX: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
     # Without WITH_DX (x needs no gradient) only the dA partials are made.
     # dx = (G ⊙ g)·W0 + s·gb·A                                            (no dropout)
@@ -305,33 +332,46 @@ def _dx_kernel(
                 b_acc = tl.dot(b_gs, b_w, b_acc, input_precision=PREC)
     if HAS_DROPOUT:
         m_keep = _keep_mask(seed, o_n, o_k, K, p)
-    b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
-                  mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        b_x = tl.where(m_keep, b_x, 0.0)
     o_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        m_r = (r0 + o_r) < R
-        b_gb = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for s in range(0, S):
-            b_gb += tl.load(gb_ptr + (s * N + o_n[:, None]) * R + (r0 + o_r)[None, :],
-                            mask=m_n[:, None] & m_r[None, :], other=0.0)
-        b_a = tl.load(a_ptr + (r0 + o_r)[:, None] * stride_ar + o_k[None, :] * stride_ak,
-                      mask=m_r[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        if WITH_DX:
+    if WITH_DX:
+        for r0 in range(0, R, BLOCK_R):
+            b_gb = _sum_gb(gb_ptr, o_n, m_n, r0 + o_r, R, N, S)
+            b_a = tl.load(a_ptr + (r0 + o_r)[:, None] * stride_ar + o_k[None, :] * stride_ak,
+                          mask=((r0 + o_r) < R)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             # s·gb·A joins the accumulator of the dropped path (or the only one).
             if HAS_DROPOUT:
                 b_accd = tl.dot(b_gb * scaling, b_a, b_accd, input_precision=PREC)
             else:
                 b_acc = tl.dot(b_gb * scaling, b_a, b_acc, input_precision=PREC)
-        b_da = tl.dot(tl.trans(b_gb), b_x, input_precision=PREC)
-        tl.store(da_ptr + (pid_n * R + (r0 + o_r)[:, None]) * K + o_k[None, :], b_da,
-                 mask=m_r[:, None] & m_k[None, :])
-    if WITH_DX:
         if HAS_DROPOUT:
             b_acc += tl.where(m_keep, b_accd * inv_keep, 0.0)
         tl.store(dx_ptr + o_n[:, None] * stride_dxn + o_k[None, :] * stride_dxk,
                  b_acc.to(dx_ptr.dtype.element_ty), mask=m_n[:, None] & m_k[None, :])
+    # dA partial after dx is stored, so its x tile does not compete with the accumulator.
+    b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
+                  mask=m_n[:, None] & m_k[None, :], other=0.0)
+    if HAS_DROPOUT:
+        b_x = tl.where(m_keep, b_x, 0.0).to(b_x.dtype)
+    if not SPLIT:
+        b_x = b_x.to(tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        b_gb = _sum_gb(gb_ptr, o_n, m_n, r0 + o_r, R, N, S)
+        if SPLIT:
+            b_da = _dot_exact_bf16(b_x, tl.trans(b_gb), tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), False)
+        else:
+            b_da = tl.dot(tl.trans(b_gb), b_x, input_precision=PREC)
+        tl.store(da_ptr + (pid_n * R + (r0 + o_r)[:, None]) * K + o_k[None, :], b_da,
+                 mask=((r0 + o_r) < R)[:, None] & m_k[None, :])
+
+
+@triton.jit
+def _sum_gb(gb_ptr, o_n, m_n, o_r, R, N, S):
+    # gb rows o_n, ranks o_r: the sum of the S column-split partials (N, R) fp32.
+    m = m_n[:, None] & (o_r < R)[None, :]
+    b_gb = tl.load(gb_ptr + o_n[:, None] * R + o_r[None, :], mask=m, other=0.0)
+    for s in range(1, S):
+        b_gb += tl.load(gb_ptr + (s * N + o_n[:, None]) * R + o_r[None, :], mask=m, other=0.0)
+    return b_gb
 
 
 @triton.jit

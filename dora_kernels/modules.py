@@ -99,6 +99,10 @@ class DoRALinear(nn.Module):
         """In eval mode, the norm of the current weights, computed once per weight version."""
         if self.training or self.norm_grad == "exact":
             return None
+        if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            # Training in eval mode (e.g. to switch dropout off): optimizers may update the
+            # weights without bumping their version counters (fused AdamW), so don't cache.
+            return None
         key = self._norm_key()
         if self._norm_cache is None or self._norm_cache[0] != key:
             with torch.no_grad():

@@ -1,0 +1,544 @@
+"""Parity of the functional op ``dora_kernels.dora_linear`` with ``reference.dora_linear``.
+
+Every case runs the op, the reference in the same dtypes and the reference on float64 copies
+of the same (already rounded) inputs, then holds the output and every gradient to the shared
+rule of ``tolerance.assert_close_to_f64``. Each case runs on both backends: the Triton kernels
+(compiled on a GPU, interpreted on a CPU) and the pure-torch path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import dora_kernels
+import reference
+from dora_kernels import _launch
+from tolerance import assert_close_to_f64
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+GRAD_NAMES = ("x", "lora_A", "lora_B", "magnitude", "bias")
+P_DROP = 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """The device to run on, with the backend the param names: ``triton`` runs the kernels
+    (compiled on CUDA, interpreted on CPU); ``torch`` forces the pure-torch path on CPU."""
+    if request.param == "torch":
+        monkeypatch.setattr(_launch, "INTERPRET", False)
+        dev = "cpu"
+    else:
+        dev = DEVICE
+    probe = torch.empty(0, device=dev)
+    assert _launch.uses_triton(probe) == (request.param == "triton"), (
+        f"backend {request.param!r} is not the one dora_kernels would use on {dev} "
+        f"(TRITON_INTERPRET must be 1 at import to test the kernels on a CPU)")
+    return dev
+
+
+def test_backend_fixture_picks_the_path(backend, request, monkeypatch):
+    """The ``triton`` backend launches kernels and the ``torch`` backend launches none, so the
+    parity tests below really test two implementations."""
+    launches = []
+    real = dora_kernels.ops.launch
+
+    def counting(kernel, *args, **kwargs):
+        launches.append(kernel)
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(dora_kernels.ops, "launch", counting)
+    case = Case((5,), 12, 7, 3)
+    t = _op_tensors(case, _values(case, 0), backend)
+    y = dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0)
+    y.sum().backward()
+    if request.node.callspec.params["backend"] == "triton":
+        assert launches, "the triton backend launched no kernel"
+    else:
+        assert not launches, f"the torch backend launched {[getattr(k, '__name__', k) for k in launches]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+
+@dataclass(frozen=True)
+class Case:
+    lead: tuple  # leading dims of x; N is their product
+    i: int  # in features
+    o: int  # out features
+    r: int  # rank
+    dtype: str = "f32"  # "base" or "base+adapter": x/weight/bias dtype, then the adapters' if wider
+    bias: str = "none"  # none | frozen | grad
+    drop: str = "none"  # none | train (p = 0.3, seeded) | eval (p = 0.3, training=False)
+    layout: str = "contig"  # contig | x-rowpad | x-step2 | x-T | w-T | w-rowpad
+    scaling: float = 2.0
+
+    @property
+    def id(self) -> str:
+        lead = f"N{self.lead[0]}" if len(self.lead) == 1 else "B" + "x".join(map(str, self.lead))
+        parts = [lead, f"in{self.i}", f"out{self.o}", f"r{self.r}", self.dtype.replace("+", "-ad")]
+        if self.bias != "none":
+            parts.append(f"bias_{self.bias}")
+        if self.drop != "none":
+            parts.append(f"drop_{self.drop}")
+        if self.layout != "contig":
+            parts.append(self.layout)
+        if self.scaling != 2.0:
+            parts.append(f"s{self.scaling:g}")
+        return "-".join(parts)
+
+    @property
+    def dtypes(self):
+        base, _, adapter = self.dtype.partition("+")
+        return DTYPES[base], DTYPES[adapter or base]
+
+
+CASES = [
+    # 1 token and 0 tokens
+    Case((1,), 100, 72, 8, "f32", "frozen"),
+    Case((1,), 100, 72, 8, "bf16", "grad", "train", "x-step2"),
+    Case((0,), 100, 72, 8, "f32", "grad"),
+    Case((0,), 17, 5, 12, "bf16+f32", "frozen", "train", "w-T"),
+    # odd sizes, not multiples of any block
+    Case((37,), 100, 72, 8, "f32", "none", "train", "w-T"),
+    Case((37,), 100, 72, 8, "bf16", "frozen", "none", "x-rowpad"),
+    Case((37,), 100, 72, 8, "f16+f32", "grad", "eval", "contig", 0.5),
+    Case((13,), 130, 150, 5, "f16", "frozen", "train", "x-T"),
+    Case((13,), 130, 150, 5, "bf16+f32", "none", "none", "w-rowpad"),
+    Case((9,), 17, 5, 12, "f32", "grad", "train", "x-rowpad"),
+    Case((9,), 17, 5, 12, "bf16", "none", "eval", "w-T"),
+    # leading batch dims
+    Case((2, 3), 40, 24, 4, "f32", "frozen", "eval", "x-step2"),
+    Case((2, 3), 40, 24, 4, "bf16+f32", "grad", "train", "x-T"),
+    Case((3, 5), 17, 33, 5, "f16+f32", "none", "train", "x-step2"),
+    # r = 1
+    Case((7,), 33, 19, 1, "f16", "none", "none", "w-T"),
+    Case((7,), 33, 19, 1, "bf16+f32", "frozen", "train", "contig", 0.25),
+    # r larger than in and out (PEFT's 5 -> 1 test layer)
+    Case((6,), 5, 1, 8, "f32", "frozen"),
+    Case((6,), 5, 1, 8, "bf16", "grad", "train", "x-T"),
+    # r > 64: more than one rank chunk
+    Case((11,), 70, 40, 80, "f32", "none", "train", "x-step2"),
+    Case((11,), 70, 40, 80, "bf16+f32", "frozen", "none", "w-T"),
+    Case((5,), 70, 40, 80, "f16", "grad", "eval", "x-rowpad"),
+    # token counts that reach the 64- and 128-token tiles
+    Case((70,), 48, 36, 12, "f16+f32", "frozen", "train", "w-rowpad"),
+    Case((130,), 24, 20, 4, "bf16", "frozen", "train"),
+    Case((130,), 24, 20, 4, "f32", "grad", "none", "x-T"),
+    # aligned control
+    Case((20,), 64, 64, 16, "f16", "frozen"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and runs
+
+def _values(case: Case, seed: int) -> dict:
+    """The case's inputs on the CPU, already rounded to their dtypes (so the float64 copies are
+    the very same numbers). B is never zero and m is not ‖V‖, so g ≠ 1 and every term counts."""
+    gen = torch.Generator().manual_seed(seed)
+    i, o, r, s = case.i, case.o, case.r, case.scaling
+    base, adapter = case.dtypes
+    x = torch.randn(*case.lead, i, generator=gen)
+    w = torch.randn(o, i, generator=gen) / math.sqrt(i)
+    A = torch.randn(r, i, generator=gen) / math.sqrt(i)
+    B = torch.randn(o, r, generator=gen) * 0.1
+    norm = torch.linalg.vector_norm(w.double() + s * B.double() @ A.double(), dim=1)
+    m = norm * (0.5 + torch.rand(o, generator=gen, dtype=torch.float64))
+    bias = torch.randn(o, generator=gen) * 0.1
+    G = torch.randn(*case.lead, o, generator=gen)
+    return {"x": x.to(base), "weight": w.to(base), "lora_A": A.to(adapter), "lora_B": B.to(adapter),
+            "magnitude": m.to(adapter), "bias": bias.to(base) if case.bias != "none" else None, "G": G.to(base)}
+
+
+def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
+    return t.detach().requires_grad_(grad)
+
+
+def _x_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x as the strided view ``layout`` names; the bytes the view skips are NaN."""
+    *lead, i = x.shape
+    if layout == "x-rowpad":  # unit last stride, rows further apart than `in`
+        big = torch.full((*lead, i + 7), float("nan"), dtype=x.dtype, device=x.device)
+        big[..., :i] = x
+        return big[..., :i]
+    if layout == "x-step2":  # every other column of a wider tensor
+        big = torch.full((*lead, 2 * i), float("nan"), dtype=x.dtype, device=x.device)
+        big[..., ::2] = x
+        return big[..., ::2]
+    if layout == "x-T":  # the transpose of a contiguous (in, ...) tensor
+        return x.movedim(-1, 0).contiguous().movedim(0, -1)
+    return x
+
+
+def _w_layout(w: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "w-T":  # GPT-2 Conv1D stores (in, out) and hands the op its transpose
+        return w.T.contiguous().T
+    if layout == "w-rowpad":
+        big = torch.full((w.shape[0], w.shape[1] + 5), float("nan"), dtype=w.dtype, device=w.device)
+        big[:, : w.shape[1]] = w
+        return big[:, : w.shape[1]]
+    return w
+
+
+def _op_tensors(case: Case, v: dict, device) -> dict:
+    t = {k: (None if val is None else val.to(device)) for k, val in v.items()}
+    return {
+        "x": _leaf(_x_layout(t["x"], case.layout), True),
+        "weight": _w_layout(t["weight"], case.layout),
+        "lora_A": _leaf(t["lora_A"], True),
+        "lora_B": _leaf(t["lora_B"], True),
+        "magnitude": _leaf(t["magnitude"], True),
+        "bias": None if t["bias"] is None else _leaf(t["bias"], case.bias == "grad"),
+        "G": t["G"],
+    }
+
+
+def _ref_tensors(case: Case, v: dict, device, dtype=None) -> dict:
+    """Contiguous leaves for the reference, in the case's dtypes or all in ``dtype``."""
+    def cast(t):
+        t = t.to(device)
+        return t.to(dtype) if dtype is not None else t
+
+    out = {k: (None if val is None else cast(val)) for k, val in v.items()}
+    for k in ("x", "lora_A", "lora_B", "magnitude"):
+        out[k] = _leaf(out[k], True)
+    if out["bias"] is not None:
+        out["bias"] = _leaf(out["bias"], case.bias == "grad")
+    return out
+
+
+def _forward_backward(fn, t: dict, scaling: float, **kwargs):
+    y = fn(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], scaling, t["bias"], **kwargs)
+    y.backward(t["G"].to(y.dtype))
+    grads = {k: t[k].grad for k in GRAD_NAMES if t[k] is not None and t[k].requires_grad}
+    return y.detach(), grads
+
+
+def _drop_kwargs(case: Case, seed: int):
+    """(kwargs for the op, kwargs for the reference); with ``train`` the caller adds the mask."""
+    if case.drop == "train":
+        return {"dropout_p": P_DROP, "training": True, "dropout_seed": seed}, {"dropout_p": P_DROP, "training": True}
+    if case.drop == "eval":
+        return {"dropout_p": P_DROP, "training": False}, {"dropout_p": P_DROP, "training": False}
+    return {}, {}
+
+
+def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detached"):
+    """Run the op, the same-dtype reference and the float64 reference; compare all outputs."""
+    v = _values(case, seed)
+    op_kw, ref_kw = _drop_kwargs(case, 1000 + seed)
+    if case.drop == "train":
+        ref_kw["dropout_mask"] = dora_kernels.dropout_mask(op_kw["dropout_seed"], v["x"].shape, P_DROP, device)
+    if norm_grad == "exact":
+        op_kw["norm_grad"] = "exact"
+        ref_kw["detach_norm"] = False
+
+    t = _op_tensors(case, v, device)
+    y, grads = _forward_backward(dora_kernels.dora_linear, t, case.scaling, **op_kw)
+    y_ref, grads_ref = _forward_backward(reference.dora_linear, _ref_tensors(case, v, device), case.scaling,
+                                         **ref_kw)
+    y64, grads64 = _forward_backward(reference.dora_linear, _ref_tensors(case, v, device, torch.float64),
+                                     case.scaling, **ref_kw)
+
+    base, adapter = case.dtypes
+    assert y.dtype == base and y.shape == (*case.lead, case.o)
+    want_dtype = {"x": base, "bias": base, "lora_A": adapter, "lora_B": adapter, "magnitude": adapter}
+    assert grads.keys() == grads_ref.keys()
+    for k, g in grads.items():
+        assert g is not None, f"d{k} is None"
+        assert g.dtype == want_dtype[k], f"d{k} has dtype {g.dtype}, want {want_dtype[k]}"
+
+    assert_close_to_f64(y, y_ref, y64, name="y")
+    # Without dropout the backward recovers u = (y − bias)/g from y, which is stored in x's dtype
+    # (the memory design: one (N, out) tensor saved). So the gradients built on u (dm, and with
+    # the exact norm gradient dA and dB through c = −m/n² · dm) carry one rounding of x's dtype
+    # per element even when they are fp32 (wider adapters), and under the interpreter that
+    # rounding is a truncation. PEFT's dm carries a rounding of the same size, but of x·W0ᵀ, not
+    # of y, so k alone does not bound the ratio on small problems: those gradients get their few
+    # ulps in x's dtype. With dropout ũ is saved in the adapters' dtype: no allowance there.
+    via_y = {"magnitude"} | ({"lora_A", "lora_B"} if norm_grad == "exact" else set())
+    for k in grads_ref:
+        ulp_dtype = base if (k in via_y and case.drop != "train") else None
+        assert_close_to_f64(grads[k], grads_ref[k], grads64[k], name=f"d{k}", dtype=ulp_dtype)
+    return y, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_parity(case, backend):
+    y, grads = check_parity(case, backend)
+    if math.prod(case.lead) == 0:
+        assert y.numel() == 0
+        for k in ("lora_A", "lora_B", "magnitude"):
+            assert torch.count_nonzero(grads[k]) == 0, f"d{k} of an empty batch is not zero"
+        if "bias" in grads:
+            assert torch.count_nonzero(grads["bias"]) == 0
+
+
+# No shrinking: under the interpreter it would cost minutes; the failing example is printed as is.
+@settings(max_examples=25, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    n=st.integers(0, 40),
+    i=st.integers(1, 70),
+    o=st.integers(1, 70),
+    r=st.integers(1, 20),
+    dtype=st.sampled_from(["f32", "f16", "bf16", "bf16+f32", "f16+f32"]),
+    bias=st.sampled_from(["none", "frozen", "grad"]),
+    drop=st.sampled_from(["none", "train", "eval"]),
+    layout=st.sampled_from(["contig", "x-rowpad", "x-step2", "x-T", "w-T", "w-rowpad"]),
+    seed=st.integers(0, 2**16),
+)
+def test_parity_random_shapes(backend, n, i, o, r, dtype, bias, drop, layout, seed):
+    check_parity(Case((n,), i, o, r, dtype, bias, drop, layout), backend, seed)
+
+
+def test_strided_bias_and_magnitude(backend):
+    """bias and magnitude given as strided views (every other element of a longer tensor, the
+    skipped elements NaN) give the results of their contiguous copies."""
+    case = Case((9,), 30, 20, 4, "f32", "grad")
+    v = _values(case, 0)
+
+    def every_other(t):
+        big = torch.full((2 * t.shape[0],), float("nan"), dtype=t.dtype, device=backend)
+        big[::2] = t.to(backend)
+        return big[::2]
+
+    t = _op_tensors(case, v, backend)
+    t["bias"] = _leaf(every_other(v["bias"]), True)
+    t["magnitude"] = _leaf(every_other(v["magnitude"]), True)
+    y, grads = _forward_backward(dora_kernels.dora_linear, t, case.scaling)
+    y_ref, grads_ref = _forward_backward(reference.dora_linear, _ref_tensors(case, v, backend), case.scaling)
+    y64, grads64 = _forward_backward(reference.dora_linear, _ref_tensors(case, v, backend, torch.float64),
+                                     case.scaling)
+    assert_close_to_f64(y, y_ref, y64, name="y")
+    for k in grads_ref:
+        assert_close_to_f64(grads[k], grads_ref[k], grads64[k], name=f"d{k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# exact norm gradient
+
+EXACT_CASES = [
+    Case((13,), 40, 24, 5, "f32", "frozen"),
+    Case((9,), 17, 5, 12, "f32", "grad", "train", "x-step2"),
+    Case((11,), 70, 40, 80, "f32", "none", "none", "w-T"),
+    Case((2, 3), 33, 19, 1, "f32", "frozen", "eval"),
+    Case((37,), 100, 72, 8, "bf16+f32", "frozen", "none", "x-rowpad"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in EXACT_CASES])
+def test_exact_norm_grad(case, backend):
+    """norm_grad="exact" equals autograd through the undetached reference norm."""
+    check_parity(case, backend, norm_grad="exact")
+
+
+def test_exact_and_detached_gradients_differ(backend):
+    case = Case((13,), 40, 24, 5, "f32", "frozen")
+    _, exact = check_parity(case, backend, norm_grad="exact")
+    _, detached = check_parity(case, backend)
+    for k in ("lora_A", "lora_B"):
+        gap = (exact[k] - detached[k]).abs().max().item()
+        assert gap > 1e-2 * detached[k].abs().max().item(), f"d{k}: exact and detached differ by only {gap:.3e}"
+    # The norm's gradient reaches neither x nor m directly.
+    torch.testing.assert_close(exact["x"], detached["x"])
+    torch.testing.assert_close(exact["magnitude"], detached["magnitude"])
+
+
+# ---------------------------------------------------------------------------------------------
+# weight norm
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in [
+    Case((1,), 100, 72, 8, "f32"),
+    Case((1,), 130, 150, 5, "bf16", layout="w-T"),
+    Case((1,), 5, 1, 8, "f16+f32"),
+    Case((1,), 70, 40, 80, "bf16+f32", layout="w-rowpad"),
+]])
+def test_weight_norm(case, backend):
+    v = _values(case, 0)
+    w = _w_layout(v["weight"].to(backend), case.layout)
+    A, B = v["lora_A"].to(backend), v["lora_B"].to(backend)
+    norm, wa = dora_kernels.weight_norm(w, A, B, case.scaling)
+    assert wa is None and norm.dtype == torch.float32 and norm.shape == (case.o,)
+    # The kernel keeps the norm in fp32 whatever the inputs: judge it as an fp32 computation.
+    ref = reference.dora_weight_norm(w, A, B, case.scaling, dtype=torch.float32)
+    ref64 = reference.dora_weight_norm(w.double(), A.double(), B.double(), case.scaling)
+    assert_close_to_f64(norm, ref, ref64, name="norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# zero norms
+
+@pytest.mark.parametrize("drop", ["none", "train"])
+@pytest.mark.parametrize("norm_grad", ["detached", "exact"])
+def test_zero_norm_row(backend, drop, norm_grad):
+    """A row of W0 + s·B·A that is exactly zero: g = 0 there, so y = bias and dm = dB = 0 in that
+    row, everything finite, and the other rows are the layer without that row."""
+    case = Case((9,), 20, 7, 3, "f32", "grad", drop)
+    j = 4
+    v = _values(case, 0)
+    v["weight"][j] = 0
+    v["lora_B"][j] = 0
+    op_kw, ref_kw = _drop_kwargs(case, 77)
+    op_kw["norm_grad"] = norm_grad
+    if drop == "train":
+        ref_kw["dropout_mask"] = dora_kernels.dropout_mask(77, v["x"].shape, P_DROP, backend)
+    t = _op_tensors(case, v, backend)
+    y, grads = _forward_backward(dora_kernels.dora_linear, t, case.scaling, **op_kw)
+
+    assert torch.isfinite(y).all()
+    for k, g in grads.items():
+        assert torch.isfinite(g).all(), f"d{k} is not finite"
+    torch.testing.assert_close(y[:, j], t["bias"].detach()[j].expand(9), rtol=0, atol=0)
+    assert grads["magnitude"][j] == 0
+    assert torch.count_nonzero(grads["lora_B"][j]) == 0
+
+    # The other rows: the reference on the layer with row j removed.
+    keep = [k for k in range(case.o) if k != j]
+    vr = dict(v)
+    for k in ("weight", "lora_B", "magnitude", "bias"):
+        vr[k] = v[k][keep]
+    vr["G"] = v["G"][:, keep]
+    if norm_grad == "exact":
+        ref_kw["detach_norm"] = False
+    y_ref, g_ref = _forward_backward(reference.dora_linear, _ref_tensors(case, vr, backend), case.scaling, **ref_kw)
+    y64, g64 = _forward_backward(reference.dora_linear, _ref_tensors(case, vr, backend, torch.float64),
+                                 case.scaling, **ref_kw)
+    assert_close_to_f64(y[:, keep], y_ref, y64, name="y")
+    for k in ("x", "lora_A"):
+        assert_close_to_f64(grads[k], g_ref[k], g64[k], name=f"d{k}")
+    for k in ("lora_B", "magnitude", "bias"):
+        assert_close_to_f64(grads[k][keep], g_ref[k], g64[k], name=f"d{k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout: seeds and replay
+
+def _drop_inputs(device):
+    case = Case((16,), 32, 24, 4, "f32", "frozen")
+    t = _op_tensors(case, _values(case, 3), device)
+    return [t[k] for k in ("x", "weight", "lora_A", "lora_B", "magnitude")], t["bias"]
+
+
+def _drop_call(args, bias, **kw):
+    return dora_kernels.dora_linear(*args, 2.0, bias, dropout_p=P_DROP, training=True, **kw)
+
+
+def test_dropout_seed_is_deterministic(backend):
+    args, bias = _drop_inputs(backend)
+    y1 = _drop_call(args, bias, dropout_seed=11)
+    y2 = _drop_call(args, bias, dropout_seed=11)
+    y3 = _drop_call(args, bias, dropout_seed=12)
+    y0 = dora_kernels.dora_linear(*args, 2.0, bias)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    assert not torch.equal(y1, y3), "different dropout seeds gave the same output"
+    assert not torch.equal(y1, y0), "dropout p=0.3 gave the output of p=0"
+
+
+def test_dropout_unseeded_calls_differ(backend):
+    args, bias = _drop_inputs(backend)
+    assert not torch.equal(_drop_call(args, bias), _drop_call(args, bias))
+
+
+def test_dropout_seed_follows_torch_manual_seed(backend):
+    args, bias = _drop_inputs(backend)
+    torch.manual_seed(1234)
+    y1 = _drop_call(args, bias)
+    torch.manual_seed(1234)
+    y2 = _drop_call(args, bias)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+def test_dropout_replays_under_checkpoint(backend):
+    """Activation checkpointing restores the RNG before recomputing, so the recomputed forward
+    draws the same seed and the gradients equal those of a plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    args, bias = _drop_inputs(backend)
+    G = torch.randn(16, 24, device=backend)
+    results = []
+    for use_ckpt in (False, True):
+        for a in args:
+            a.grad = None
+        torch.manual_seed(99)
+        y = checkpoint(_drop_call, args, bias, use_reentrant=False) if use_ckpt else _drop_call(args, bias)
+        y.backward(G)
+        results.append([y.detach()] + [a.grad.clone() for a in args if a.requires_grad])
+    for plain, ckpt in zip(*results):
+        torch.testing.assert_close(ckpt, plain, rtol=0, atol=0)
+
+
+def test_dropout_mask_rate(backend):
+    mask = dora_kernels.dropout_mask(5, (64, 64), P_DROP, backend)
+    assert mask.dtype == torch.bool and mask.shape == (64, 64)
+    assert abs(mask.float().mean().item() - (1 - P_DROP)) < 0.05
+    assert not torch.equal(mask, dora_kernels.dropout_mask(6, (64, 64), P_DROP, backend))
+    torch.testing.assert_close(mask, dora_kernels.dropout_mask(5, (64, 64), P_DROP, backend), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+
+def _good(**over):
+    t = {"x": torch.randn(3, 8), "weight": torch.randn(6, 8), "lora_A": torch.randn(2, 8),
+         "lora_B": torch.randn(6, 2), "magnitude": torch.rand(6) + 0.5, "scaling": 2.0, "bias": torch.randn(6)}
+    t.update(over)
+    return t
+
+
+BAD = [
+    ("x-in-dim", {"x": torch.randn(3, 9)}, {}, ValueError, "x"),
+    ("x-0d", {"x": torch.tensor(1.0)}, {}, ValueError, "x"),
+    ("lora_A-in-dim", {"lora_A": torch.randn(2, 9)}, {}, ValueError, "lora_A"),
+    ("lora_B-rank", {"lora_B": torch.randn(6, 3)}, {}, ValueError, "lora_B"),
+    ("lora_B-out", {"lora_B": torch.randn(7, 2)}, {}, ValueError, "lora_B"),
+    ("magnitude-shape", {"magnitude": torch.rand(7)}, {}, ValueError, "magnitude"),
+    ("magnitude-2d", {"magnitude": torch.rand(6, 1)}, {}, ValueError, "magnitude"),
+    ("bias-shape", {"bias": torch.randn(5)}, {}, ValueError, "bias"),
+    ("weight-1d", {"weight": torch.randn(8)}, {}, ValueError, "weight"),
+    ("weight-3d", {"weight": torch.randn(1, 6, 8)}, {}, ValueError, "weight"),
+    ("x-int", {"x": torch.ones(3, 8, dtype=torch.int64)}, {}, TypeError, "x"),
+    ("lora_A-int", {"lora_A": torch.ones(2, 8, dtype=torch.int32)}, {}, TypeError, "lora_A"),
+    ("x-not-tensor", {"x": [[0.0] * 8] * 3}, {}, TypeError, "x"),
+    ("weight-dtype", {"weight": torch.randn(6, 8, dtype=torch.float16)}, {}, TypeError, "weight"),
+    ("bias-dtype", {"bias": torch.randn(6, dtype=torch.float16)}, {}, TypeError, "bias"),
+    ("lora_B-device", {"lora_B": torch.randn(6, 2, device="meta")}, {}, (ValueError, TypeError), "lora_B"),
+    ("magnitude-device", {"magnitude": torch.rand(6, device="meta")}, {}, (ValueError, TypeError), "magnitude"),
+    ("scaling-nan", {"scaling": float("nan")}, {}, ValueError, "scaling"),
+    ("scaling-inf", {"scaling": float("inf")}, {}, ValueError, "scaling"),
+    ("scaling-str", {"scaling": "2.0"}, {}, TypeError, "scaling"),
+    ("dropout-1", {}, {"dropout_p": 1.0}, ValueError, "dropout_p"),
+    ("dropout-neg", {}, {"dropout_p": -0.1}, ValueError, "dropout_p"),
+    ("norm_grad", {}, {"norm_grad": "bogus"}, ValueError, "norm_grad"),
+    ("rank-0", {"lora_A": torch.randn(0, 8), "lora_B": torch.randn(6, 0)}, {}, ValueError, "lora_A|rank"),
+    ("weight_norm-dtype", {}, {"weight_norm": torch.ones(6, dtype=torch.float16)}, ValueError, "weight_norm"),
+    ("weight_norm-shape", {}, {"weight_norm": torch.ones(5)}, ValueError, "weight_norm"),
+]
+
+
+@pytest.mark.parametrize("over, kwargs, exc, name", [pytest.param(*row[1:], id=row[0]) for row in BAD])
+def test_bad_inputs_raise(over, kwargs, exc, name):
+    t = _good(**over)
+    with pytest.raises(exc, match=name):
+        dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], t["scaling"],
+                                 t["bias"], **kwargs)
+
+
+@pytest.mark.parametrize("i, o, r", [(5, 1, 8), (3, 4, 16)])
+def test_rank_larger_than_dims_is_allowed(i, o, r):
+    y = dora_kernels.dora_linear(torch.randn(2, i), torch.randn(o, i), torch.randn(r, i), torch.randn(o, r),
+                                 torch.rand(o) + 0.5, 1.0)
+    assert y.shape == (2, o) and torch.isfinite(y).all()
