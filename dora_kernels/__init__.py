@@ -2,13 +2,17 @@
 
     y = (m / ‖W0 + s·B·A‖) ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias
 
-``dora_linear`` is the differentiable op; ``DoRALinear`` the module. CUDA tensors run the
+``dora_linear`` is the differentiable op (a ``torch.library`` op, so ``torch.compile`` keeps it
+in one graph); ``DoRALinear`` the module; ``fuse(model)`` moves the DoRA layers of a PEFT (or
+``reference``) model onto the op in place, ``unfuse`` undoes it. CUDA tensors run the
 compiled kernels; CPU tensors run them through Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before import, and a pure-torch path otherwise.
 """
 
+from .fuse import FuseReport, fuse, fuse_report, fused_layers, unfuse
 from .modules import DoRALinear
 from .ops import DoRAFunction, dora_linear, dropout_mask, weight_norm
 
-__all__ = ["DoRAFunction", "DoRALinear", "dora_linear", "dropout_mask", "weight_norm"]
+__all__ = ["DoRAFunction", "DoRALinear", "FuseReport", "dora_linear", "dropout_mask", "fuse", "fuse_report",
+           "fused_layers", "unfuse", "weight_norm"]
 __version__ = "0.1.0"

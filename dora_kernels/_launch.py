@@ -1,8 +1,14 @@
 """The one place every Triton kernel of the package is launched from.
 
 ``launch`` runs a kernel, or, inside ``recording(rec)``, hands the launch to ``rec`` instead
-(with the FLOPs the launcher counted and the tensors it reads and writes), so a dry run on
-meta tensors can count launches, FLOPs and bytes from the code path itself.
+(with the FLOPs the launcher counted, the tensors it reads and writes, the kernel object and
+its actual arguments), so a dry run on meta tensors can count launches, FLOPs and bytes from
+the code path itself, and the compile report can specialise each launch exactly as the JIT
+would (``bench/compile_report.py``).
+
+``DORA_KERNELS_AUTOTUNE=1`` (read at each launch) lets Triton's autotuner choose the tile of
+the two GEMM kernels among neighbours of the heuristic's config, on a GPU only; under the
+interpreter, on meta tensors and while recording it is ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import heuristics as H
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _recorder = None
@@ -21,12 +29,21 @@ _recorder = None
 
 @dataclass
 class Launch:
+    """One kernel launch as the launcher issued it.
+
+    ``reads``/``writes``: (shape, dtype) of every tensor read or written once (the bytes a
+    roofline counts); ``kernel``: the ``triton.jit`` function; ``args``: the positional
+    arguments as passed (tensors, possibly meta, and Python scalars), ``meta`` the keyword ones.
+    """
+
     name: str
     grid: tuple
     meta: dict
     flops: int
-    reads: list = field(default_factory=list)  # (shape, dtype) of every tensor read once
+    reads: list = field(default_factory=list)
     writes: list = field(default_factory=list)
+    kernel: object = field(default=None, repr=False, compare=False)
+    args: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def bytes(self) -> int:
@@ -38,6 +55,12 @@ def _nbytes(shape, dtype) -> int:
     for d in shape:
         n *= int(d)
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _name(kernel) -> str:
+    while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return getattr(kernel, "__name__", repr(kernel))
 
 
 @contextlib.contextmanager
@@ -57,12 +80,87 @@ def is_recording() -> bool:
 
 def launch(kernel, grid, args, meta, *, flops=0, reads=(), writes=()):
     if _recorder is not None:
-        _recorder(Launch(kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, tuple(grid),
-                         dict(meta), int(flops), [(tuple(t.shape), t.dtype) for t in reads],
-                         [(tuple(t.shape), t.dtype) for t in writes]))
+        _recorder(Launch(_name(kernel), tuple(grid), dict(meta), int(flops),
+                         [(tuple(t.shape), t.dtype) for t in reads], [(tuple(t.shape), t.dtype) for t in writes],
+                         kernel=kernel, args=tuple(args)))
         return
+    if H.autotune_enabled() and not INTERPRET and _name(kernel) in _TUNED:
+        tuned = _autotuned(kernel, meta, args)
+        if tuned is not None:
+            tuner, grid_fn, rest = tuned
+            tuner[grid_fn](*args, **rest)
+            return
     kernel[tuple(grid)](*args, **meta)
 
+
+# ---------------------------------------------------------------------------------------------
+# DORA_KERNELS_AUTOTUNE=1: the two GEMM kernels only
+
+def _cdiv(a, b):
+    return -(-int(a) // int(b))
+
+
+def _fwd_candidates(base: dict) -> list[dict]:
+    return H.autotune_candidates(base)
+
+
+def _dx_candidates(base: dict) -> list[dict]:
+    # BLOCK_N stays: the launcher sizes the dA partials (one slice per token block) from it.
+    out = [base]
+    if base["BLOCK_N"] >= 64:
+        for bk, bm, warps in ((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4)):
+            out.append({**base, "BLOCK_K": bk, "BLOCK_M": bm, "num_warps": warps})
+    for st in (2, 3, 4):
+        out.append({**base, "num_stages": st})
+    uniq = []
+    for c in out:
+        if c not in uniq:
+            uniq.append(c)
+    return uniq
+
+
+# kernel name -> (meta keys the autotuner owns, candidates, grid from the bound arguments, key)
+_TUNED = {
+    "_fwd_kernel": (("BLOCK_N", "BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), _fwd_candidates,
+                    lambda a: (_cdiv(a["N"], a["BLOCK_N"]) * _cdiv(a["M"], a["BLOCK_M"]),),
+                    ["N", "M", "K", "R", "HAS_BIAS", "HAS_DROPOUT"]),
+    "_dx_kernel": (("BLOCK_K", "BLOCK_M", "num_warps", "num_stages"), _dx_candidates,
+                   lambda a: (_cdiv(a["N"], a["BLOCK_N"]) * _cdiv(a["K"], a["BLOCK_K"]),),
+                   ["N", "M", "K", "R", "HAS_DROPOUT", "WITH_DX"]),
+}
+_TUNERS: dict = {}
+
+
+def _autotuned(kernel, meta, args):
+    """(autotuner, grid function, remaining meta) for a GEMM launch on CUDA tensors, or None.
+
+    One ``triton.autotune`` wrapper per kernel and heuristic base config (the candidates are
+    that config's neighbours), built on first use; its key is the problem size and flags.
+    """
+    if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+        return None
+    name = _name(kernel)
+    owned, candidates, grid_fn, key = _TUNED[name]
+    if name == "_dx_kernel" and not meta.get("WITH_DX", True):
+        return None  # no GEMM in it: the dA pass over x only
+    base = {k: meta[k] for k in owned if k in meta}
+    if len(base) != len(owned):
+        return None
+    cache_key = (name, tuple(sorted(base.items())))
+    tuner = _TUNERS.get(cache_key)
+    if tuner is None:
+        import triton
+
+        configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates(base)]
+        tuner = triton.autotune(configs=configs, key=[k for k in key if k in kernel.arg_names])(kernel)
+        _TUNERS[cache_key] = tuner
+    rest = {k: v for k, v in meta.items() if k not in owned}
+    return tuner, grid_fn, rest
+
+
+# ---------------------------------------------------------------------------------------------
+# targets
 
 def uses_triton(t: torch.Tensor) -> bool:
     """CUDA tensors run compiled kernels; CPU tensors the interpreter when TRITON_INTERPRET=1

@@ -7,12 +7,16 @@ of meta-parameters. The rules, in short:
 * GEMMs (forward ``x·W0ᵀ`` and backward ``dx``): 128×128 tiles with 8 warps once there are
   ≥ 128 tokens (the shape that reaches wgmma on sm_90 and mma.sync on sm_80); 64-token tiles
   for 64–127 tokens; for fewer tokens the problem is a pass over W0, so the tile is as tall as
-  the tokens (≥ 16, what ``tl.dot`` needs) and narrow in the output dim (32 or 64) so that
-  enough programs stream W0. K steps are 64 wide for 16-bit inputs and 32 for fp32.
+  the tokens (≥ 16, what ``tl.dot`` needs) and 32 wide in the output dim so that enough
+  programs stream W0. K steps are 64 wide for 16-bit inputs (128 for few tokens). fp32
+  inputs (tf32x3 dots) take 64×64×32 tiles.
   Stages fill the arch's shared memory (see ``SHARED_LIMIT``), 2 to 4.
-* With dropout the forward carries two accumulators, so its output tile is halved.
-* Rank-r operands are padded to a power of two ≥ 16 and processed in chunks (16 or 32 in the
-  kernels whose tiles are register-bound, 64 in the x·Aᵀ pass).
+* With dropout the forward carries two accumulators and builds the Philox mask in its loop,
+  so its output tile is 32 wide; the ``dx`` tile is narrower than the forward's (see
+  ``dx_config``).
+* Rank-r operands are padded to a power of two ≥ 16 and processed in chunks of 16 or 32.
+* Every config these functions return compiles without register spills and within the
+  shared memory of sm_80 and sm_90 (``bench/compile_report.py`` checks them all).
 * Token reductions (the backward pass over G) size their programs so that about two waves
   of the GPU's SMs are busy; partials are then summed by a second, tiny kernel.
 
@@ -68,7 +72,8 @@ def _gemm_tile(tokens: int, cols: int, dtype) -> tuple[int, int, int, int]:
         return 128, 128, 64, 8
     if tokens >= 64:
         return 64, 128, 64, 4
-    return _pow2(tokens, 16, 64), (64 if cols >= 4096 else 32), 128, 4
+    # Few tokens: a pass over W0; narrow column tiles give enough programs to stream it.
+    return _pow2(tokens, 16, 64), 32, 128, 4
 
 
 def _elbytes(dtype, arch) -> int:

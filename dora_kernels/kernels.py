@@ -128,7 +128,7 @@ def _xa_kernel(
 @triton.jit
 def _fwd_kernel(
     y_ptr, stride_yn, stride_ym,  # out (N, M): y
-    ud_ptr, stride_udn, stride_udm,  # out (N, M): ũ = x̃·W0ᵀ + s·x̃·Aᵀ·Bᵀ (only with HAS_DROPOUT)
+    u_ptr, stride_un, stride_um,  # out (N, M): u = x̃·W0ᵀ + s·x̃·Aᵀ·Bᵀ, what dm needs (only with STORE_U)
     x_ptr, stride_xn, stride_xk,  # x: token, column
     w_ptr, stride_wm, stride_wk,  # W0: row, column
     b_ptr, stride_bm, stride_br,  # B: row, rank
@@ -136,7 +136,7 @@ def _fwd_kernel(
     mag_ptr, norm_ptr, bias_ptr,  # (M,) each
     N, M, K, R, scaling, p, seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_U: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, EPI_PREC: tl.constexpr,
 ):
     # y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias                                   (no dropout)
@@ -196,12 +196,14 @@ def _fwd_kernel(
     b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
     b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
     if HAS_DROPOUT:
-        b_ud = b_accd * inv_keep + scaling * b_lora
-        b_y = b_acc + b_g[None, :] * b_ud - b_accd * inv_keep
-        tl.store(ud_ptr + o_n[:, None] * stride_udn + o_m[None, :] * stride_udm,
-                 b_ud.to(ud_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
+        b_u = b_accd * inv_keep + scaling * b_lora
+        b_y = b_acc + b_g[None, :] * b_u - b_accd * inv_keep
     else:
+        b_u = b_acc
         b_y = b_g[None, :] * b_acc
+    if STORE_U:
+        tl.store(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um,
+                 b_u.to(u_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
     if HAS_BIAS:
         b_y += tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + o_n[:, None] * stride_yn + o_m[None, :] * stride_ym,
@@ -214,13 +216,13 @@ def _bwd_g_kernel(
     dm_ptr,  # out (T, M) fp32: per token group, Σ_tokens G ⊙ u
     db_ptr,  # out (T, M, R) fp32: per token group, (G ⊙ g)ᵀ·xa
     g_ptr, stride_gn, stride_gm,  # G = dL/dy: token, column
-    u_ptr, stride_un, stride_um,  # y (U_IS_Y) or ũ: token, column
+    u_ptr, stride_un, stride_um,  # u (ũ with dropout) saved by the forward: token, column
     xa_ptr,  # (N, R) fp32, contiguous
     b_ptr, stride_bm, stride_br,  # B: row, rank
-    mag_ptr, norm_ptr, bias_ptr,  # (M,) each
+    mag_ptr, norm_ptr,  # (M,) each
     N, M, R, TOK_PER_PROG, COL_PER_PROG,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr, U_IS_Y: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
     # One pass over G. Program (t, s, c) covers TOK_PER_PROG tokens × COL_PER_PROG columns ×
     # one rank chunk; it owns its slices of the dm/dB partials (read-modify-write, no races).
@@ -264,13 +266,7 @@ def _bwd_g_kernel(
             tl.store(p_db, b_db, mask=m_db)
             if pid_c == 0:
                 b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um, mask=m_nm, other=0.0)
-                b_u = b_u.to(tl.float32)
-                if U_IS_Y and HAS_BIAS:
-                    b_u -= tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
-                b_dm = tl.sum(b_G.to(tl.float32) * b_u, axis=0)
-                if U_IS_Y:
-                    # Σ G ⊙ u = Σ G ⊙ (y − bias) / g; a row with g = 0 carries no u (dm = 0 there).
-                    b_dm = b_dm * tl.where(b_g != 0, 1.0 / tl.where(b_g != 0, b_g, 1.0), 0.0)
+                b_dm = tl.sum(b_G.to(tl.float32) * b_u.to(tl.float32), axis=0)
                 p_dm = dm_ptr + pid_t * M + o_m
                 b_dm += tl.load(p_dm, mask=m_m & m_prev, other=0.0)
                 tl.store(p_dm, b_dm, mask=m_m)
@@ -375,23 +371,44 @@ def _sum_gb(gb_ptr, o_n, m_n, o_r, R, N, S):
 
 
 @triton.jit
-def _sum_partials_kernel(
-    out_ptr,  # out (L,): scale · colscale[j % C] · Σ_t part[t, j], in out's dtype
-    part_ptr,  # (T, L) fp32, contiguous
-    colscale_ptr,  # (C,) fp32 (only with HAS_COLSCALE)
-    T, L, C, scale,
-    BLOCK: tl.constexpr, HAS_COLSCALE: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    o_l = pid * BLOCK + tl.arange(0, BLOCK)
+def _sum_rows(out_ptr, part_ptr, T, L, pid, scale, BLOCK: tl.constexpr):
+    # out[j] = scale · Σ_t part[t, j] for the BLOCK columns of program pid.
+    o_l = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m_l = o_l < L
     b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in range(0, T):
         b_acc += tl.load(part_ptr + t * L + o_l, mask=m_l, other=0.0)
-    b_acc = b_acc * scale
-    if HAS_COLSCALE:
-        b_acc *= tl.load(colscale_ptr + o_l % C, mask=m_l, other=0.0)
-    tl.store(out_ptr + o_l, b_acc.to(out_ptr.dtype.element_ty), mask=m_l)
+    tl.store(out_ptr + o_l, (b_acc * scale).to(out_ptr.dtype.element_ty), mask=m_l)
+
+
+@triton.jit
+def _finalize_kernel(
+    da_ptr,  # out (R, K): dA = s/(1 − p) · Σ_t da_part[t]
+    db_ptr,  # out (M, R): dB = s · Σ_t db_part[t]
+    dm_ptr,  # out (M,): dm = Σ_t dm_part[t] / n (0 where n = 0)
+    da_part_ptr, db_part_ptr, dm_part_ptr,  # (Ta, R·K), (Tb, M·R), (Tb, M) fp32
+    norm_ptr,  # (M,) fp32
+    Ta, Tb, RK, MR, M, scale_a, scale_b,
+    BLOCK: tl.constexpr,
+):
+    # One launch sums every token-reduction partial of the backward: programs
+    # [0, na) make dA, [na, na + nb) dB, the rest dm.
+    pid = tl.program_id(0)
+    na = tl.cdiv(RK, BLOCK)
+    nb = tl.cdiv(MR, BLOCK)
+    if pid < na:
+        _sum_rows(da_ptr, da_part_ptr, Ta, RK, pid, scale_a, BLOCK)
+    elif pid < na + nb:
+        _sum_rows(db_ptr, db_part_ptr, Tb, MR, pid - na, scale_b, BLOCK)
+    else:
+        o_m = (pid - na - nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m_m = o_m < M
+        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(0, Tb):
+            b_acc += tl.load(dm_part_ptr + t * M + o_m, mask=m_m, other=0.0)
+        b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
+        b_dm = tl.where(b_nrm > 0, b_acc / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
+        tl.store(dm_ptr + o_m, b_dm.to(dm_ptr.dtype.element_ty), mask=m_m)
 
 
 @triton.jit

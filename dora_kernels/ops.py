@@ -25,7 +25,21 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _prec() -> str:
     # The GPU's fp32 tl.dot defaults to tf32; follow torch's switch for fp32 matmuls instead.
+    # Without tf32, "tf32x3" (three tf32 products) keeps fp32 accuracy on the tensor cores
+    # (the "ieee" FMA path spills registers in these kernels).
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def _epi_prec() -> str:
+    # The forward's one rank-r dot per tile: plain fp32 FMAs fit its registers best.
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _split(x_dtype) -> bool:
+    # bf16 G and x are exact as bf16 dot operands: the fp32 rank-r operands are split into
+    # three bf16 parts instead (kernels._dot_exact_bf16). Not under the interpreter, whose
+    # bf16 dots are wrong (tests/test_split_dots.py patches it to check this path).
+    return x_dtype == torch.bfloat16 and not INTERPRET
 
 
 def _upcast(dtype) -> bool:
@@ -101,7 +115,7 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
                 wa[i:i + rows] = w @ A32.T
         return norm, wa
     arch, _ = target(weight)
-    cfg = H.norm_config(M, K, R, weight.dtype, arch)
+    cfg = H.norm_config(M, K, R, weight.dtype, arch, with_wa=with_wa)
     meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages")}
     meta.update(WITH_WA=with_wa, UPCAST=_upcast(weight.dtype) or _upcast(lora_A.dtype),
                 LORA_F32=_lora_f32(weight.dtype, lora_A.dtype), PREC=_prec())
@@ -127,109 +141,99 @@ def _xa(x, lora_A, p, seed, inv_keep):
     cfg = H.xa_config(N, K, R, x.dtype, arch)
     meta = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages")}
     meta.update(HAS_DROPOUT=p > 0, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype),
-                LORA_F32=_lora_f32(x.dtype, lora_A.dtype), PREC=_prec())
+                LORA_F32=_lora_f32(x.dtype, lora_A.dtype), SPLIT=_split(x.dtype) and lora_A.dtype != x.dtype,
+                PREC=_prec())
     launch(K_._xa_kernel, (triton_cdiv(N, cfg["BLOCK_N"]), triton_cdiv(R, cfg["BLOCK_R"])),
            (xa, x, *x.stride(), lora_A, *lora_A.stride(), N, K, R, float(p), int(seed), float(inv_keep)), meta,
            flops=2 * N * K * R, reads=[x, lora_A], writes=[xa])
     return xa
 
 
-def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p=0.0, seed=0):
+def _u_dtype(x_dtype, a_dtype, p):
+    # u is saved in x's dtype; with dropout, ũ in the dtype PEFT computes the dropped branch in
+    # (x cast to the adapters'), which keeps dm as accurate as PEFT's.
+    return torch.promote_types(x_dtype, a_dtype) if p > 0 else x_dtype
+
+
+def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p=0.0, seed=0, need_u=True):
     """y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias, g = m / n; PEFT's dropout form when p > 0.
 
-    x: (N, K) with unit last stride; norm: (M,) fp32. Returns ``(y, xa, ud)``: y (N, M) in x's
-    dtype, xa = x̃·Aᵀ (N, R) fp32, and with dropout ũ = x̃·W0ᵀ + s·xa·Bᵀ (N, M) (else None).
+    x: (N, K) with unit last stride; norm: (M,) fp32. Returns ``(y, xa, u)``: y (N, M) in x's
+    dtype, xa = x̃·Aᵀ (N, R) fp32, and with ``need_u`` u = x̃·W0ᵀ + s·xa·Bᵀ (N, M), the one
+    (N, M) tensor the backward needs (``_u_dtype``; else None).
     """
     N, K = x.shape
     M = weight.shape[0]
     R = lora_A.shape[0]
     inv_keep = 1.0 / (1.0 - p)
     dev = x.device
+    udt = _u_dtype(x.dtype, lora_A.dtype, p)
+    # The kernels index the (M,) vectors with unit stride; copies of views are tiny.
+    magnitude = magnitude.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     if not uses_triton(x):
         xd = x
         if p > 0:
             xd = x * _torch_keep_mask(seed, (N, K), p, dev).to(x.dtype)
-        xa = (xd.to(torch.promote_types(x.dtype, lora_A.dtype)) @ lora_A.T.to(
-            torch.promote_types(x.dtype, lora_A.dtype))).float() * inv_keep
+        ct = torch.promote_types(x.dtype, lora_A.dtype)
+        xa = (xd.to(ct) @ lora_A.T.to(ct)).float() * inv_keep
         g = _g(magnitude, norm)
         lora = xa @ lora_B.float().T
         base = (x @ weight.T).float()
         if p > 0:
-            basd = (xd @ weight.T).float() * inv_keep
-            ud = basd + scaling * lora
-            y = base + g * ud - basd
-            ud = ud.to(x.dtype)
+            basd = (xd.to(ct) @ weight.to(ct).T).float() * inv_keep
+            u = basd + scaling * lora
+            y = base + g * u - basd
         else:
-            ud = None
-            y = g * (base + scaling * lora)
+            u = base + scaling * lora
+            y = g * u
         if bias is not None:
             y = y + bias.float()
-        return y.to(x.dtype), xa, ud
+        return y.to(x.dtype), xa, (u.to(udt) if need_u else None)
 
     y = torch.empty((N, M), dtype=x.dtype, device=dev)
-    ud = torch.empty((N, M), dtype=x.dtype, device=dev) if p > 0 else None
+    u = torch.empty((N, M), dtype=udt, device=dev) if need_u else None
     xa = _xa(x, lora_A, p, seed, inv_keep)
     if N == 0 or M == 0:
-        return y, xa, ud
+        return y, xa, u
     arch, _ = target(x)
-    cfg = H.gemm_config(N, M, K, x.dtype, arch, dual=p > 0)
-    meta = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N", "num_warps", "num_stages")}
-    meta.update(BLOCK_R=H.block_r(R), HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0,
-                UPCAST=_upcast(x.dtype), PREC=_prec())
+    cfg = H.fwd_config(N, M, K, R, x.dtype, arch, dropout=p > 0)
+    meta = dict(cfg)
+    meta.update(HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0, STORE_U=need_u,
+                UPCAST=_upcast(x.dtype), PREC=_prec(), EPI_PREC=_epi_prec())
     grid = (triton_cdiv(N, cfg["BLOCK_N"]) * triton_cdiv(M, cfg["BLOCK_M"]),)
-    ud_arg = ud if ud is not None else y
+    u_arg = u if u is not None else y
     launch(K_._fwd_kernel, grid,
-           (y, *y.stride(), ud_arg, *ud_arg.stride(), x, *x.stride(), weight, *weight.stride(),
+           (y, *y.stride(), u_arg, *u_arg.stride(), x, *x.stride(), weight, *weight.stride(),
             lora_B, *lora_B.stride(), xa, magnitude, norm, bias if bias is not None else norm,
             N, M, K, R, float(scaling), float(p), int(seed), float(inv_keep)), meta,
            flops=2 * N * M * K * (2 if p > 0 else 1) + 2 * N * M * R + 4 * N * M,
            reads=[x, weight, lora_B, xa, magnitude, norm] + ([bias] if bias is not None else []),
-           writes=[y] + ([ud] if ud is not None else []))
-    return y, xa, ud
+           writes=[y] + ([u] if u is not None else []))
+    return y, xa, u
 
 
 # ---------------------------------------------------------------------------------------------
 # backward
 
-def _sum_partials(part, out_dtype, scale, colscale=None):
-    """scale · colscale · Σ_t part[t] for part (T, ...) fp32, in out_dtype."""
-    T = part.shape[0]
-    shape = part.shape[1:]
-    L = math.prod(shape)
-    out = torch.empty(shape, dtype=out_dtype, device=part.device)
-    if L == 0:
-        return out
-    C = colscale.numel() if colscale is not None else 1
-    launch(K_._sum_partials_kernel, (triton_cdiv(L, 1024),),
-           (out, part, colscale if colscale is not None else part, T, L, C, float(scale)),
-           {"BLOCK": 1024, "HAS_COLSCALE": colscale is not None, "num_warps": 4},
-           flops=T * L, reads=[part] + ([colscale] if colscale is not None else []), writes=[out])
-    return out
+def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u, *, p=0.0, seed=0,
+                  need_dx=True):
+    """Gradients of the detached-norm DoRA linear from G = dL/dy (N, M) and the forward's u.
 
-
-def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, xa, u, *, u_is_y,
-                  p=0.0, seed=0, need_dx=True):
-    """Gradients of the detached-norm DoRA linear.
-
-    grad: (N, M) = dL/dy; u: y (``u_is_y``: u = (y − bias)/g is recovered) or ũ (dropout).
-    Returns ``(dx or None, dA, dB, dm_raw)`` where ``dm_raw = Σ_tokens G ⊙ u`` (M,) fp32
-    (dm = dm_raw / n) and dA, dB are in the adapters' dtypes.
+    Returns ``(dx or None, dA, dB, dm)``: dx in x's dtype, dA, dB and dm (= Σ_tokens G ⊙ u / n,
+    0 where n = 0) in the dtypes of lora_A, lora_B and magnitude.
     """
     N, K = x.shape
     M = weight.shape[0]
     R = lora_A.shape[0]
     dev = x.device
     inv_keep = 1.0 / (1.0 - p)
+    magnitude = magnitude.contiguous()
     if not uses_triton(x):
         g = _g(magnitude, norm)
         G = grad.float()
-        if u_is_y:
-            yb = u.float() - (bias.float() if bias is not None else 0.0)
-            inv = torch.where(g != 0, 1.0 / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
-            uu = yb * inv
-        else:
-            uu = u.float()
-        dm_raw = (G * uu).sum(0)
+        inv_n = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+        dm = ((G * u.float()).sum(0) * inv_n).to(magnitude.dtype)
         gs = G * g
         gb = gs @ lora_B.float()
         dB = (scaling * (gs.T @ xa)).to(lora_B.dtype)
@@ -244,52 +248,51 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, bias, nor
             else:
                 dx = (gs.to(x.dtype) @ weight).float() + scaling * (gb @ lora_A.float())
             dx = dx.to(x.dtype)
-        return dx, dA, dB, dm_raw
+        return dx, dA, dB, dm
 
     arch, sms = target(x)
     if N == 0 or M == 0:
         return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(lora_A), torch.zeros_like(lora_B),
-                torch.zeros(M, dtype=torch.float32, device=dev))
+                torch.zeros_like(magnitude))
     cfg = H.bwd_g_config(N, M, R, x.dtype, arch, sms)
     T, S, RC = cfg["T"], cfg["S"], cfg["RC"]
     gb = torch.empty((S, N, R), dtype=torch.float32, device=dev)
     dm_part = torch.empty((T, M), dtype=torch.float32, device=dev)
     db_part = torch.empty((T, M, R), dtype=torch.float32, device=dev)
     meta = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_R", "num_warps", "num_stages")}
-    meta.update(HAS_BIAS=bias is not None, U_IS_Y=u_is_y, PREC=_prec())
+    meta.update(SPLIT=_split(x.dtype), PREC=_prec())
     launch(K_._bwd_g_kernel, (T, S, RC),
            (gb, dm_part, db_part, grad, *grad.stride(), u, *u.stride(), xa, lora_B, *lora_B.stride(),
-            magnitude, norm, bias if bias is not None else norm, N, M, R, cfg["TOK_PER_PROG"], cfg["COL_PER_PROG"]),
+            magnitude, norm, N, M, R, cfg["TOK_PER_PROG"], cfg["COL_PER_PROG"]),
            meta, flops=4 * N * M * R + 5 * N * M,
            reads=[grad, u, xa, lora_B, magnitude, norm], writes=[gb, dm_part, db_part])
 
-    dcfg = H.gemm_config(N, K, M, x.dtype, arch, dual=p > 0)
+    meta = H.dx_config(N, K, M, R, x.dtype, arch, dropout=p > 0, need_dx=need_dx)
     dx = torch.empty((N, K), dtype=x.dtype, device=dev) if need_dx else None
-    tn = triton_cdiv(N, dcfg["BLOCK_N"])
+    tn = triton_cdiv(N, meta["BLOCK_N"])
     da_part = torch.empty((tn, R, K), dtype=torch.float32, device=dev)
-    if need_dx:
-        meta = {k: dcfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "GROUP_N", "num_warps", "num_stages")}
-        grid = (tn * triton_cdiv(K, dcfg["BLOCK_K"]),)
-        flops = 2 * N * M * K * (2 if p > 0 else 1) + 4 * N * K * R
-    else:
-        # Only dA: the same kernel with the M loop compiled out, tiles sized for the x pass.
-        meta = {"BLOCK_N": dcfg["BLOCK_N"], "BLOCK_M": 16, "BLOCK_K": dcfg["BLOCK_K"], "GROUP_N": 8,
-                "num_warps": 4, "num_stages": 1 if arch is None else 2}
-        grid = (tn * triton_cdiv(K, dcfg["BLOCK_K"]),)
-        flops = 2 * N * K * R
-    meta.update(BLOCK_R=H.block_r(R), HAS_DROPOUT=p > 0, WITH_DX=need_dx,
-                UPCAST=_upcast(x.dtype), PREC=_prec())
+    # Without need_dx the M loop compiles out: only the dA partials (a pass over x).
+    flops = (2 * N * M * K * (2 if p > 0 else 1) + 4 * N * K * R) if need_dx else 2 * N * K * R
+    meta.update(HAS_DROPOUT=p > 0, WITH_DX=need_dx, UPCAST=_upcast(x.dtype), SPLIT=_split(x.dtype), PREC=_prec())
     dx_arg = dx if dx is not None else x
+    grid = (tn * triton_cdiv(K, meta["BLOCK_K"]),)
     launch(K_._dx_kernel, grid,
            (dx_arg, *dx_arg.stride(), da_part, grad, *grad.stride(), weight, *weight.stride(), lora_A,
             *lora_A.stride(), x, *x.stride(), gb, magnitude, norm, N, M, K, R, S, float(scaling), float(p),
             int(seed), float(inv_keep)), meta, flops=flops,
            reads=([grad, weight] if need_dx else []) + [lora_A, x, gb, magnitude, norm],
            writes=([dx] if need_dx else []) + [da_part])
-    dA = _sum_partials(da_part, lora_A.dtype, scaling * inv_keep)
-    dB = _sum_partials(db_part, lora_B.dtype, scaling)
-    dm_raw = _sum_partials(dm_part, torch.float32, 1.0)
-    return dx, dA, dB, dm_raw
+
+    dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
+    dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+    dm = torch.empty_like(magnitude)
+    block = 1024
+    grid = (triton_cdiv(R * K, block) + triton_cdiv(M * R, block) + triton_cdiv(M, block),)
+    launch(K_._finalize_kernel, grid,
+           (dA, dB, dm, da_part, db_part, dm_part, norm, tn, T, R * K, M * R, M, float(scaling * inv_keep),
+            float(scaling)), {"BLOCK": block, "num_warps": 4},
+           flops=tn * R * K + T * M * R + T * M, reads=[da_part, db_part, dm_part, norm], writes=[dA, dB, dm])
+    return dx, dA, dB, dm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,46 +301,70 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, bias, nor
 NORM_GRADS = ("detached", "exact")
 
 
+def fused_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, with_wa, norm, need_u=True):
+    """The forward of the op on 2-D x: ``(y, xa, u, norm, wa)``.
+
+    ``norm`` (M,) fp32 is reused when given, unless ``with_wa`` (the exact norm gradient needs
+    ``wa = W0·Aᵀ`` (M, R) fp32, computed in the same pass as the norm); ``u`` (N, M) is what
+    the backward needs (None without ``need_u``). Shared by ``DoRAFunction`` and the
+    ``torch.library`` op.
+    """
+    wa = None
+    if norm is None or with_wa:
+        norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
+    y, xa, u = dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, p=p, seed=seed,
+                            need_u=need_u)
+    return y, xa, u, norm, wa
+
+
+def fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa, scaling, p, seed, *,
+                   exact, need_dx, need_a, need_b, need_m, need_bias):
+    """Gradients ``(dx, dA, dB, dm, dbias)`` (None where not needed) from what the forward saved:
+    ``u`` (ũ with dropout); ``wa`` = W0·Aᵀ when ``exact`` (the norm is differentiated)."""
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    dx, dA, dB, dm = dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u, p=p,
+                                   seed=seed, need_dx=need_dx)
+    s = scaling
+    if exact and (need_a or need_b):
+        # n depends on A and B: dn_j = −(m_j / n_j) · dm_j; with V = W0 + s·B·A,
+        # dB += s·diag(c)·V·Aᵀ and dA += s·Bᵀ·diag(c)·V, c = −(m / n²) ⊙ dm (spec).
+        inv_n = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+        c = -magnitude.float() * inv_n * inv_n * dm.float()
+        A32, B32 = lora_A.float(), lora_B.float()
+        cB = c[:, None] * B32
+        dB = (dB.float() + s * (c[:, None] * wa + s * cB @ (A32 @ A32.T))).to(lora_B.dtype)
+        cBW = (cB.T.to(weight.dtype) @ weight).float() if weight.dtype != torch.float64 else cB.T @ weight
+        dA = (dA.float() + s * (cBW + s * (B32.T @ cB) @ A32)).to(lora_A.dtype)
+    dbias = grad.sum(0).to(bias.dtype) if (need_bias and bias is not None) else None
+    return (dx if need_dx else None, dA if need_a else None, dB if need_b else None,
+            dm if need_m else None, dbias)
+
+
 class DoRAFunction(torch.autograd.Function):
-    """Fused DoRA linear on 2-D x. Saves x, xa (N, R) fp32, the norm (M,) fp32 and one
-    (N, M) tensor: the output y (u is recovered as (y − bias)/g) or, with dropout, ũ."""
+    """Fused DoRA linear on 2-D x, as a plain ``autograd.Function`` (eager only; ``dora_linear``
+    goes through the ``torch.library`` op instead, which ``torch.compile`` sees as one node).
+
+    Saves x, xa (N, R) fp32, the norm (M,) fp32 and one (N, M) tensor: u = x·W0ᵀ + s·xa·Bᵀ
+    (ũ with dropout). Not the output y: that stays free for in-place use downstream."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, norm_grad, norm):
         with_wa = norm_grad == "exact" and (lora_A.requires_grad or lora_B.requires_grad)
-        wa = None
-        if norm is None or with_wa:
-            norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
-        y, xa, ud = dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, p=p, seed=seed)
-        ctx.scaling, ctx.p, ctx.seed, ctx.norm_grad = scaling, p, seed, norm_grad
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, norm, xa, y if ud is None else ud, wa)
-        ctx.u_is_y = ud is None
+        y, xa, u, norm, wa = fused_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, with_wa,
+                                           norm)
+        ctx.scaling, ctx.p, ctx.seed, ctx.exact = scaling, p, seed, with_wa
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa = ctx.saved_tensors
-        s = ctx.scaling
         need_dx, _, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
-        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        dx, dA, dB, dm_raw = dora_backward(grad, x, weight, lora_A, lora_B, magnitude, s, bias, norm, xa, u,
-                                           u_is_y=ctx.u_is_y, p=ctx.p, seed=ctx.seed, need_dx=need_dx)
-        inv_n = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                            torch.zeros_like(norm))
-        dm = dm_raw * inv_n
-        if ctx.norm_grad == "exact" and (need_a or need_b):
-            # n depends on A and B: dn_j = −(m_j / n_j) · dm_j; with V = W0 + s·B·A,
-            # dB += s·diag(c)·V·Aᵀ and dA += s·Bᵀ·diag(c)·V, c = −(m / n²) ⊙ dm (spec).
-            c = -magnitude.float() * inv_n * inv_n * dm
-            A32, B32 = lora_A.float(), lora_B.float()
-            cB = c[:, None] * B32
-            dB = (dB.float() + s * (c[:, None] * wa + s * cB @ (A32 @ A32.T))).to(lora_B.dtype)
-            cBW = (cB.T.to(weight.dtype) @ weight).float() if weight.dtype != torch.float64 else cB.T @ weight
-            dA = (dA.float() + s * (cBW + s * (B32.T @ cB) @ A32)).to(lora_A.dtype)
-        dbias = grad.sum(0).to(bias.dtype) if (need_bias and bias is not None) else None
-        return (dx, None, dA if need_a else None, dB if need_b else None,
-                dm.to(magnitude.dtype) if need_m else None, dbias, None, None, None, None, None)
+        grads = fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa, ctx.scaling, ctx.p,
+                               ctx.seed, exact=ctx.exact, need_dx=need_dx, need_a=need_a, need_b=need_b,
+                               need_m=need_m, need_bias=need_bias)
+        dx, dA, dB, dm, dbias = grads
+        return dx, None, dA, dB, dm, dbias, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,15 +425,18 @@ def check_inputs(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p,
     return scaling
 
 
+_AUTOCASTABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _autocast(x, weight, bias):
     """Under autocast, x/weight/bias take the autocast dtype as nn.Linear's would; the adapters
     keep theirs (the op accepts wider adapters)."""
     dev = x.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if x.dtype in _AUTOCASTABLE and weight.dtype in _AUTOCASTABLE:
             x, weight = x.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+            bias = bias.to(dt) if isinstance(bias, torch.Tensor) and bias.dtype in _AUTOCASTABLE else bias
     return x, weight, bias
 
 
@@ -428,12 +458,14 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     drawn from torch's CPU generator, so checkpointing's RNG restore replays it.
     ``weight_norm`` (out,) fp32: a norm computed earlier for these weights (eval caching).
     """
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+        x, weight, bias = _autocast(x, weight, bias)
     scaling = check_inputs(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, norm_grad)
-    x, weight, bias = _autocast(x, weight, bias)
     p = float(dropout_p) if training else 0.0
-    seed = 0
+    seed = None
     if p > 0:
-        seed = int(dropout_seed) if dropout_seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+        # A CPU int64 tensor, not a Python int: torch.compile keeps it in the graph (no .item()).
+        seed = torch.tensor([int(dropout_seed)]) if dropout_seed is not None else draw_seed()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -441,10 +473,18 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     if weight_norm is not None and (weight_norm.dtype != torch.float32 or weight_norm.shape != magnitude.shape):
         raise ValueError(f"weight_norm must be a float32 tensor of shape {tuple(magnitude.shape)}, "
                          f"got {_name_of(weight_norm)}")
+    with_wa = (norm_grad == "exact" and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad))
     with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else _null():
-        y = DoRAFunction.apply(x2, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, norm_grad,
-                               weight_norm)
+        need_u = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, lora_A, lora_B, magnitude))
+        y = _library.dora_fwd(x2, weight, lora_A, lora_B, magnitude, bias, weight_norm, seed, scaling, p, with_wa,
+                              need_u)[0]
     return y.reshape(*lead, weight.shape[0])
+
+
+def draw_seed() -> torch.Tensor:
+    """The dropout seed ``dora_linear`` draws when none is given: one int64 from torch's default
+    CPU generator, so ``torch.manual_seed`` and checkpointing's RNG restore replay it."""
+    return torch.randint(0, 2**31 - 1, (1,))
 
 
 class _null:
@@ -453,3 +493,6 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+from . import library as _library  # noqa: E402  (library builds its ops on the functions above)

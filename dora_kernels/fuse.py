@@ -1,0 +1,312 @@
+"""``fuse(model)``: run the DoRA layers of a model built by PEFT (or ``reference``) on the fused op.
+
+Everything stays where PEFT put it. A PEFT ``lora.Linear`` with a DoRA adapter keeps its
+parameters, buffers, adapters, ``lora_variant`` objects and ``state_dict``; only its class is
+swapped for a subclass made on the fly whose ``forward`` sends the DoRA arithmetic through
+``dora_linear``. ``unfuse(model)`` swaps the class back. Nothing is read at fuse time (the
+parameters may still be on the meta device) and no parameter object is held: the layer
+reads ``base_layer.weight``, ``lora_A[name].weight``, … each time it runs, so DDP, FSDP2 and
+PEFT's loaders may replace them freely.
+
+At run time a fused PEFT layer takes the fused path when its first active adapter is a DoRA
+adapter and it is neither merged nor disabled: one call of the fused op gives
+``x·W0ᵀ + bias`` plus that adapter's DoRA terms (PEFT's dropout form when its
+``lora_dropout`` is an active ``nn.Dropout``). Further active adapters are then applied with
+PEFT's own arithmetic, on the running result, as PEFT does. In every other case (merged,
+``disable_adapter()``, ``adapter_names=``, a plain LoRA adapter first, extra positional
+arguments, hooks on the base layer, an unfrozen base weight, mismatched dtypes or devices)
+the layer runs PEFT's own ``forward``.
+
+Layers the op cannot serve (DoRA on Embedding, Conv, a quantised or otherwise custom base
+layer) are left alone; ``fuse`` warns about them and ``fuse_report(model)`` lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .modules import DoRALinear
+from .ops import dora_linear
+
+__all__ = ["FuseReport", "fuse", "fuse_report", "fused_layers", "unfuse"]
+
+logger = logging.getLogger(__name__)
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+@dataclass
+class FuseReport:
+    """``fused``: names of the layers that run the fused op; ``skipped``: name -> why a DoRA
+    layer stays on PEFT's path. Names as in ``model.named_modules()`` ("" is the model)."""
+
+    fused: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a layer is
+
+def _peft_lora():
+    """PEFT's ``lora.layer`` module if PEFT is loaded (a model with PEFT layers implies it is)."""
+    return sys.modules.get("peft.tuners.lora.layer")
+
+
+def _is_reference_layer(module) -> bool:
+    """``reference.DoRALinear`` (exact class), known without importing ``reference``."""
+    ref = sys.modules.get("reference.dora")
+    if ref is not None and hasattr(ref, "DoRALinear"):
+        return type(module) is ref.DoRALinear
+    cls = type(module)
+    return (cls.__name__ == "DoRALinear" and cls.__module__.endswith("reference.dora")
+            and all(hasattr(module, a) for a in ("weight", "lora_A", "lora_B", "magnitude", "scaling", "dropout_p")))
+
+
+def _is_fused_peft(module) -> bool:
+    return getattr(type(module), "_dora_kernels_base", None) is not None
+
+
+def _has_dora(module) -> bool:
+    mags = getattr(module, "lora_magnitude_vector", None)
+    return isinstance(mags, nn.ModuleDict) and len(mags) > 0
+
+
+def _conv1d_class():
+    pu = sys.modules.get("transformers.pytorch_utils")
+    return getattr(pu, "Conv1D", None) if pu is not None else None
+
+
+def _base_kind(base) -> str | None:
+    """"linear" (nn.Linear's own forward), "conv1d" (transformers' Conv1D), or None."""
+    cls = type(base)
+    if isinstance(base, nn.Linear) and cls.forward is nn.Linear.forward:
+        return "linear"
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(base, conv1d) and cls.forward is conv1d.forward:
+        return "conv1d"
+    return None
+
+
+def _why_not(module) -> str | None:
+    """None if ``fuse`` can serve this PEFT LoRA layer with a DoRA adapter, else the reason."""
+    lora = _peft_lora()
+    if lora is None or type(module) is not lora.Linear:
+        return f"{type(module).__module__}.{type(module).__qualname__}: only peft's lora.Linear is fused"
+    base = module.get_base_layer()
+    if _base_kind(base) is None:
+        return f"base layer {type(base).__module__}.{type(base).__qualname__} is not nn.Linear or Conv1D"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused PEFT layer
+
+def _dropout_p(module, dropout) -> float | None:
+    """PEFT's rule: no dropout when the module is nn.Identity or the layer is in eval; None
+    for a dropout module the op does not know (the layer then runs PEFT's forward)."""
+    if isinstance(dropout, nn.Identity) or not module.training:
+        return 0.0
+    if type(dropout) is nn.Dropout and not dropout.inplace:
+        return float(dropout.p) if dropout.training else 0.0
+    return None
+
+
+def _fused_args(module, x, args, kwargs):
+    """The arguments of ``dora_linear`` for the first active adapter, or None when this call
+    must run PEFT's forward. Reads the parameters now, never at fuse time."""
+    if args or module.disable_adapters or module.merged or not isinstance(x, torch.Tensor):
+        return None
+    lora = _peft_lora()
+    # adapter_names= (PEFT raises for DoRA), variant kwargs, base-layer kwargs: PEFT's path.
+    if any(v is not None or (k != "adapter_names" and k not in lora.VARIANT_KWARG_KEYS) for k, v in kwargs.items()):
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A.keys()]
+    if not active:
+        return None
+    name = active[0]
+    variants = sys.modules["peft.tuners.lora.variants"]
+    if type(module.lora_variant.get(name)) is not variants.DoraLinearVariant or module.lora_bias.get(name, False):
+        return None
+    if name not in module.lora_magnitude_vector:
+        return None
+    p = _dropout_p(module, module.lora_dropout[name])
+    if p is None:
+        return None
+    base = module.get_base_layer()
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return None  # e.g. FSDP2 gathering the weight, accelerate offloading: base_layer(x) must run
+    weight = base.weight
+    if module.fan_in_fan_out:
+        weight = weight.T  # Conv1D keeps (in, out): a view, never a copy
+    bias = base.bias
+    A = module.lora_A[name].weight
+    B = module.lora_B[name].weight
+    m = module.lora_magnitude_vector[name].weight
+    if weight.dim() != 2 or weight.shape != (B.shape[0], A.shape[1]) or x.shape[-1:] != weight.shape[1:]:
+        return None
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return None  # the op gives no gradient for W0
+    tensors = (x, weight, A, B, m) + ((bias,) if bias is not None else ())
+    if any(type(t) not in _PLAIN or t.dtype not in _FLOATS or t.device != x.device for t in tensors):
+        return None  # DTensor, quantised storage, ephemeral offload: PEFT's path
+    if weight.dtype != x.dtype and not (torch.is_autocast_enabled(x.device.type) and x.dtype in _CASTABLE
+                                        and weight.dtype in _CASTABLE):
+        return None  # PEFT's base layer decides (and raises) as it would
+    if A.dtype != x.dtype and not getattr(module, "cast_input_dtype_enabled", True):
+        return None
+    return name, active[1:], (x, weight, A, B, m, module.scaling[name], bias, p)
+
+
+def _forward(self, x, *args, **kwargs):
+    """PEFT's ``lora.Linear.forward`` with the first active DoRA adapter fused (see module doc)."""
+    plan = _fused_args(self, x, args, kwargs)
+    if plan is None:
+        return type(self)._dora_kernels_base.forward(self, x, *args, **kwargs)
+    name, rest, (x, weight, A, B, m, scaling, bias, p) = plan
+    result = dora_linear(x, weight, A, B, m, scaling, bias, dropout_p=p, training=True)
+    if not rest:
+        return result
+    # Later adapters: PEFT's loop verbatim, on the running result (x cast as PEFT casts it).
+    result_dtype = result.dtype
+    x = self._cast_input_dtype(x, A.dtype)
+    for active_adapter in rest:
+        lora_A = self.lora_A[active_adapter]
+        lora_B = self.lora_B[active_adapter]
+        dropout = self.lora_dropout[active_adapter]
+        scaling = self.scaling[active_adapter]
+        x = self._cast_input_dtype(x, lora_A.weight.dtype)
+        if active_adapter not in self.lora_variant:
+            result = result + lora_B(lora_A(dropout(x))) * scaling
+        else:
+            result = self.lora_variant[active_adapter].forward(self, active_adapter=active_adapter, x=x, result=result,
+                                                               **dict.fromkeys(_peft_lora().VARIANT_KWARG_KEYS))
+    return result.to(result_dtype)
+
+
+_FUSED_CLASSES: dict = {}
+_PREFIX = "Fused["
+
+
+def _class_key(cls) -> str:
+    # A name ``pickle`` can look up in this module (see ``__getattr__``): dots would split it.
+    return f"{_PREFIX}{cls.__module__.replace('.', '/')}:{cls.__qualname__}]"
+
+
+def _fused_class(cls):
+    """The subclass of PEFT layer class ``cls`` whose forward is ``_forward`` (one per class)."""
+    fused = _FUSED_CLASSES.get(cls)
+    if fused is None:
+        fused = type(cls.__name__, (cls,), {
+            "forward": _forward, "_dora_kernels_base": cls, "__module__": __name__, "__qualname__": _class_key(cls),
+            "__doc__": f"{cls.__qualname__} whose DoRA adapters run the fused op (dora_kernels.fuse)."})
+        _FUSED_CLASSES[cls] = fused
+    return fused
+
+
+def __getattr__(name):
+    """Rebuild a fused class by name, so a pickled fused model loads in a fresh process."""
+    if name.startswith(_PREFIX) and name.endswith("]"):
+        mod, _, qual = name[len(_PREFIX):-1].partition(":")
+        import importlib
+
+        cls = importlib.import_module(mod.replace("/", "."))
+        for part in qual.split("."):
+            cls = getattr(cls, part)
+        return _fused_class(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference.DoRALinear <-> dora_kernels.DoRALinear (same object, same parameters)
+
+def _fuse_reference(module) -> None:
+    # The plain attributes DoRALinear sets in __init__ (norm_grad, merged, caches) that the
+    # reference layer lacks, with their initial values: taken from a parameterless instance.
+    proto = DoRALinear(1, 1, r=1, device="meta")
+    added = {k: v for k, v in vars(proto).items() if k not in vars(module) and not isinstance(v, torch.Tensor)}
+    vars(module).update(added)
+    module._dora_kernels_reference = (type(module), tuple(added))
+    module.__class__ = DoRALinear
+
+
+def _unfuse_reference(module) -> None:
+    if module.merged:
+        module.unmerge()
+    cls, added = vars(module).pop("_dora_kernels_reference")
+    for k in added:
+        vars(module).pop(k, None)
+    module.__class__ = cls
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
+    """Make the DoRA layers of ``model`` run the fused op, in place; returns ``model``.
+
+    - ``reference.DoRALinear`` layers become ``dora_kernels.DoRALinear`` (the same module
+      object and Parameter objects; training mode, dropout and scaling kept).
+    - PEFT ``lora.Linear`` layers with a DoRA adapter (nn.Linear or transformers' Conv1D base,
+      ``fan_in_fan_out`` included) get a subclass of their class whose ``forward`` uses the
+      fused op; PEFT's numbers, state_dict, saving/loading and merging are unchanged.
+
+    Idempotent: a second call fuses nothing twice and picks up layers added since
+    (``add_adapter``, ``load_adapter``). DoRA layers it cannot serve (Embedding, Conv, quantised
+    bases) stay on PEFT's path and are reported with a warning; ``verbose`` also logs each
+    fused layer (logger ``dora_kernels.fuse``, level INFO). ``fuse_report(model)`` lists both.
+    """
+    lora = _peft_lora()
+    for name, module in model.named_modules():
+        if _is_reference_layer(module):
+            _fuse_reference(module)
+        elif lora is not None and isinstance(module, lora.LoraLayer) and not _is_fused_peft(module) \
+                and _has_dora(module) and _why_not(module) is None:
+            module.__class__ = _fused_class(type(module))
+        else:
+            continue
+        if verbose:
+            logger.info("dora_kernels.fuse: fused %s", name or "<model>")
+    report = fuse_report(model)
+    if report.skipped:
+        lines = "\n".join(f"  {n or '<model>'}: {why}" for n, why in report.skipped.items())
+        warnings.warn(f"dora_kernels.fuse left {len(report.skipped)} DoRA layer(s) on PEFT's path:\n{lines}",
+                      stacklevel=2)
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Undo ``fuse`` in place (a merged ``DoRALinear`` that came from ``reference`` is unmerged
+    first); returns ``model``. Layers built as ``dora_kernels.DoRALinear`` stay as they are."""
+    for _, module in model.named_modules():
+        if _is_fused_peft(module):
+            module.__class__ = type(module)._dora_kernels_base
+        elif isinstance(module, DoRALinear) and "_dora_kernels_reference" in vars(module):
+            _unfuse_reference(module)
+    return model
+
+
+def fuse_report(model: nn.Module) -> FuseReport:
+    """Which layers of ``model`` run the fused op and which DoRA layers do not, and why."""
+    report = FuseReport()
+    lora = _peft_lora()
+    for name, module in model.named_modules():
+        if isinstance(module, DoRALinear) or _is_fused_peft(module):
+            report.fused.append(name)
+        elif _is_reference_layer(module):
+            report.skipped[name] = "reference.DoRALinear not fused yet: call fuse(model)"
+        elif lora is not None and isinstance(module, lora.LoraLayer) and _has_dora(module):
+            report.skipped[name] = _why_not(module) or "peft lora.Linear not fused yet: call fuse(model)"
+    return report
+
+
+def fused_layers(model: nn.Module) -> list:
+    """Names (as in ``named_modules``) of the layers that run the fused op."""
+    return fuse_report(model).fused
