@@ -12,6 +12,8 @@ Reductions over tokens write per-program fp32 partials that a second kernel sums
 deterministic, no atomics.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -34,6 +36,25 @@ def _dot_exact_bf16(a, v, acc, A_FIRST: tl.constexpr):
         acc = tl.dot(mid, a, acc)
         acc = tl.dot(lo, a, acc)
     return acc
+
+
+# The interpreter truncates fp32 → bf16 (the GPU rounds to nearest even); read, like the
+# decorators, when this module is imported.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _rounded(v, ptr):
+    # v in ptr's element type, rounded to nearest even as the GPU does; under the interpreter
+    # the bf16 rounding is done on the bits, so a sum of many stored values carries no bias.
+    ty: tl.constexpr = ptr.dtype.element_ty
+    if ty == tl.float32:
+        return v
+    if _INTERPRET and ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    return v.to(ty)
 
 
 @triton.jit
@@ -203,11 +224,11 @@ def _fwd_kernel(
         b_y = b_g[None, :] * b_acc
     if STORE_U:
         tl.store(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um,
-                 b_u.to(u_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
+                 _rounded(b_u, u_ptr), mask=m_n[:, None] & m_m[None, :])
     if HAS_BIAS:
         b_y += tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + o_n[:, None] * stride_yn + o_m[None, :] * stride_ym,
-             b_y.to(y_ptr.dtype.element_ty), mask=m_n[:, None] & m_m[None, :])
+                 _rounded(b_y, y_ptr), mask=m_n[:, None] & m_m[None, :])
 
 
 @triton.jit
@@ -342,7 +363,7 @@ def _dx_kernel(
         if HAS_DROPOUT:
             b_acc += tl.where(m_keep, b_accd * inv_keep, 0.0)
         tl.store(dx_ptr + o_n[:, None] * stride_dxn + o_k[None, :] * stride_dxk,
-                 b_acc.to(dx_ptr.dtype.element_ty), mask=m_n[:, None] & m_k[None, :])
+                 _rounded(b_acc, dx_ptr), mask=m_n[:, None] & m_k[None, :])
     # dA partial after dx is stored, so its x tile does not compete with the accumulator.
     b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
                   mask=m_n[:, None] & m_k[None, :], other=0.0)
@@ -378,7 +399,7 @@ def _sum_rows(out_ptr, part_ptr, T, L, pid, scale, BLOCK: tl.constexpr):
     b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in range(0, T):
         b_acc += tl.load(part_ptr + t * L + o_l, mask=m_l, other=0.0)
-    tl.store(out_ptr + o_l, (b_acc * scale).to(out_ptr.dtype.element_ty), mask=m_l)
+    tl.store(out_ptr + o_l, _rounded((b_acc * scale), out_ptr), mask=m_l)
 
 
 @triton.jit
@@ -408,7 +429,8 @@ def _finalize_kernel(
             b_acc += tl.load(dm_part_ptr + t * M + o_m, mask=m_m, other=0.0)
         b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
         b_dm = tl.where(b_nrm > 0, b_acc / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
-        tl.store(dm_ptr + o_m, b_dm.to(dm_ptr.dtype.element_ty), mask=m_m)
+        tl.store(dm_ptr + o_m,
+                 _rounded(b_dm, dm_ptr), mask=m_m)
 
 
 @triton.jit
