@@ -238,3 +238,21 @@ def test_constructor_rejects_bad_arguments(kwargs, name):
     args = {"r": 4, **kwargs}
     with pytest.raises(ValueError, match=name):
         dora_kernels.DoRALinear(8, 4, **args)
+
+
+def test_inplace_op_on_output_keeps_gradients():
+    # The op saves u, not its output: an in-place op downstream (ReLU(inplace=True)) is fine.
+    torch.manual_seed(3)
+    layer = dora_kernels.DoRALinear(8, 5, r=3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    ref = reference.DoRALinear(8, 5, r=3)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 8)
+    grads = []
+    for mod in (layer, ref):
+        xi = x.clone().requires_grad_()
+        mod(xi).relu_().sum().backward()
+        grads.append([xi.grad, mod.lora_A.grad, mod.lora_B.grad, mod.magnitude.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
