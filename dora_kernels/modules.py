@@ -65,7 +65,8 @@ class DoRALinear(nn.Module):
         """A Kaiming-uniform, B zero, magnitude = ‖W0 + s·B·A‖ (PEFT's init)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
-        self.magnitude.copy_(self.weight_norm().to(self.magnitude.dtype))
+        # Rounded to the weight's dtype first, as PEFT's init does (see reference.DoRALinear).
+        self.magnitude.copy_(self.weight_norm().to(self.weight.dtype).to(self.magnitude.dtype))
         self._norm_cache = None
 
     @torch.no_grad()

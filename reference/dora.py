@@ -144,10 +144,12 @@ class DoRALinear(nn.Module):
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """``‖W0 + s·B·A‖`` per output row, as PEFT computes it at init (adapter dtype)."""
-        a = self.lora_A
-        w = self.weight.to(a.dtype) if a.dtype != self.weight.dtype else self.weight
-        return torch.linalg.norm(w + self.scaling * (self.lora_B @ a), dim=1)
+        """``‖W0 + s·B·A‖`` per output row as PEFT computes it at init: in the weight's dtype
+        (PEFT creates the adapters in the base dtype and widens them only afterwards, so on a
+        bf16/fp16 model with fp32 adapters the magnitude starts as the norm rounded to bf16/fp16)."""
+        dt = self.weight.dtype
+        lora_weight = (self.lora_B.float() @ self.lora_A.float()).to(dt)
+        return torch.linalg.norm(self.weight + self.scaling * lora_weight, dim=1).to(dt)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8.0, *, dropout: float = 0.0,

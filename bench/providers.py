@@ -1,0 +1,232 @@
+"""The implementations compared, each built as an ``nn.Module`` over the same tensors.
+
+=============  ===============================================================================
+provider       what runs
+=============  ===============================================================================
+fused          ``dora_kernels.DoRALinear`` (the fused op; eval caches the weight norm)
+fused_peft     PEFT's ``lora.Linear`` (DoRA) after ``dora_kernels.fuse`` — what users run
+reference      ``reference.DoRALinear``: PEFT's arithmetic in eager PyTorch
+compiled       ``torch.compile(reference.DoRALinear)`` (default options, automatic dynamic
+               shapes after the first recompile)
+peft_dora      PEFT ``lora.Linear`` from ``get_peft_model`` on a one-Linear module, use_dora=True
+peft_lora      the same with use_dora=False (same r)
+linear         a frozen ``nn.Linear``: forward and input gradient only — the floor
+=============  ===============================================================================
+
+Every provider shares the frozen weight (no bias, as in Llama's projections); the adapters
+(A, B ≠ 0, m) are copied in, in the adapter dtype (fp32 by default: PEFT's default for a
+bf16/fp16 model, ``autocast_adapter_dtype=True``). Dropout is 0 (the targets are stated there).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PROVIDERS = ("fused", "fused_peft", "reference", "compiled", "peft_dora", "peft_lora", "linear")
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+@dataclass
+class Tensors:
+    """The shared inputs of one case: W (out, in), A (r, in), B (out, r), m (out,), x (N, in), G (N, out)."""
+
+    weight: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    magnitude: torch.Tensor
+    x: torch.Tensor
+    grad: torch.Tensor
+    scaling: float
+    r: int
+    alpha: float
+
+
+def make_tensors(tokens, in_features, out_features, r, dtype, adapter_dtype, device, seed=0) -> Tensors:
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, scale, dt):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dt)
+
+    alpha = 2.0 * r
+    scaling = alpha / r
+    weight = rand(out_features, in_features, scale=in_features ** -0.5, dt=dtype)
+    lora_A = rand(r, in_features, scale=in_features ** -0.5, dt=adapter_dtype)
+    lora_B = rand(out_features, r, scale=0.01, dt=adapter_dtype)
+    with torch.no_grad():
+        v = weight.float() + scaling * (lora_B.float() @ lora_A.float())
+        magnitude = torch.linalg.vector_norm(v, dim=1).to(adapter_dtype)
+    x = rand(tokens, in_features, scale=1.0, dt=dtype).requires_grad_(True)
+    grad = rand(tokens, out_features, scale=1.0, dt=dtype)
+    return Tensors(weight, lora_A, lora_B, magnitude, x, grad, scaling, r, alpha)
+
+
+def _frozen(t):
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _trainable(t):
+    return nn.Parameter(t.detach().clone(), requires_grad=True)
+
+
+def _dora_module(cls, t: Tensors) -> nn.Module:
+    """A ``DoRALinear`` of either package, built on meta (no init) and given the shared tensors."""
+    out_f, in_f = t.weight.shape
+    layer = cls(in_f, out_f, t.r, t.alpha, bias=False, device="meta", dtype=t.weight.dtype,
+                adapter_dtype=t.lora_A.dtype)
+    layer.weight = _frozen(t.weight)
+    layer.lora_A = _trainable(t.lora_A)
+    layer.lora_B = _trainable(t.lora_B)
+    layer.magnitude = _trainable(t.magnitude)
+    return layer
+
+
+def _require(module: str, why: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise Unavailable(f"{why}: {e}") from None
+
+
+def _fused(t: Tensors) -> nn.Module:
+    dk = _require("dora_kernels", "dora_kernels does not import")
+    return _dora_module(dk.DoRALinear, t)
+
+
+def _reference(t: Tensors) -> nn.Module:
+    ref = _require("reference", "reference does not import")
+    return _dora_module(ref.DoRALinear, t)
+
+
+_COMPILE_CONFIGURED = False
+
+
+def _compiled(t: Tensors) -> nn.Module:
+    global _COMPILE_CONFIGURED
+    if not _COMPILE_CONFIGURED:
+        from torch import _dynamo
+
+        # A sweep meets many shapes: without room for the recompiles, dynamo would silently
+        # fall back to eager and "compiled" would time the reference.
+        cfg = _dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 256))
+        if hasattr(cfg, "accumulated_recompile_limit"):
+            cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
+        _COMPILE_CONFIGURED = True
+    return torch.compile(_reference(t))
+
+
+class _One(nn.Module):
+    """The module PEFT wraps: one ``proj`` Linear."""
+
+    def __init__(self, weight):
+        super().__init__()
+        out_f, in_f = weight.shape
+        self.proj = nn.Linear(in_f, out_f, bias=False, device="meta", dtype=weight.dtype)
+        self.proj.weight = _frozen(weight)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft(t: Tensors, *, dora: bool) -> nn.Module:
+    peft = _require("peft", "peft is not installed")
+    cfg = peft.LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=0.0, target_modules=["proj"], use_dora=dora)
+    # autocast_adapter_dtype=True (PEFT's default) keeps bf16/fp16 models' adapters in fp32.
+    same = t.lora_A.dtype == t.weight.dtype
+    model = peft.get_peft_model(_One(t.weight), cfg, autocast_adapter_dtype=not same)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(t.lora_A)
+        layer.lora_B["default"].weight.copy_(t.lora_B)
+        if dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(t.magnitude)
+    if layer.lora_A["default"].weight.dtype != t.lora_A.dtype:
+        raise Unavailable(f"PEFT made {layer.lora_A['default'].weight.dtype} adapters, not {t.lora_A.dtype}")
+    return layer
+
+
+def _fused_peft(t: Tensors) -> nn.Module:
+    dk = _require("dora_kernels", "dora_kernels does not import")
+    fuse = getattr(dk, "fuse", None)
+    if fuse is None:
+        raise Unavailable("dora_kernels.fuse is not there yet (issue 5)")
+    layer = _peft(t, dora=True)
+    fuse(layer)
+    fused = getattr(dk, "fused_layers", None)
+    if fused is not None and not fused(layer):
+        raise Unavailable("dora_kernels.fuse left the PEFT layer unfused")
+    return layer
+
+
+def _linear(t: Tensors) -> nn.Module:
+    out_f, in_f = t.weight.shape
+    layer = nn.Linear(in_f, out_f, bias=False, device="meta", dtype=t.weight.dtype)
+    layer.weight = _frozen(t.weight)
+    return layer
+
+
+_BUILDERS = {
+    "fused": _fused,
+    "fused_peft": _fused_peft,
+    "reference": _reference,
+    "compiled": _compiled,
+    "peft_dora": lambda t: _peft(t, dora=True),
+    "peft_lora": lambda t: _peft(t, dora=False),
+    "linear": _linear,
+}
+
+
+def build(provider: str, t: Tensors) -> nn.Module:
+    """The provider's module over ``t``'s tensors; raises ``Unavailable`` if it cannot run here."""
+    return _BUILDERS[provider](t)
+
+
+def trainable(module: nn.Module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def check_installed(provider: str) -> str | None:
+    """Why ``provider`` cannot run in this environment (a missing package), or None."""
+    needs = {"fused": ["dora_kernels"], "fused_peft": ["dora_kernels", "peft"], "reference": ["reference"],
+             "compiled": ["reference"], "peft_dora": ["peft"], "peft_lora": ["peft"], "linear": []}[provider]
+    for mod in needs:
+        try:
+            m = importlib.import_module(mod)
+        except ImportError as e:
+            missing = isinstance(e, ModuleNotFoundError) and e.name == mod
+            return f"{mod} is not installed" if missing else f"{mod} does not import ({type(e).__name__}: {e})"
+        if provider == "fused_peft" and mod == "dora_kernels" and not hasattr(m, "fuse"):
+            return "dora_kernels.fuse is not there yet (issue 5)"
+    return None
+
+
+def fused_path(device: str) -> str:
+    """Which body of the fused op runs: ``triton`` (GPU), ``triton-interpreter`` (CPU with
+    TRITON_INTERPRET=1 set before import; timings meaningless) or ``torch`` (CPU)."""
+    if device == "cuda":
+        return "triton"
+    try:
+        launch = importlib.import_module("dora_kernels._launch")
+    except ImportError:
+        return "unknown"
+    return "triton-interpreter" if getattr(launch, "INTERPRET", False) else "torch"
+
+
+def dtype_of(name: str) -> torch.dtype:
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: one of {', '.join(table)}")
+    return table[name]
+
+
+def short_dtype(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
