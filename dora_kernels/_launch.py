@@ -131,28 +131,37 @@ _TUNED = {
 _TUNERS: dict = {}
 
 
+def _on_gpu(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
+
 def _autotuned(kernel, meta, args):
     """(autotuner, grid function, remaining meta) for a GEMM launch on CUDA tensors, or None.
 
-    One ``triton.autotune`` wrapper per kernel and heuristic base config (the candidates are
-    that config's neighbours), built on first use; its key is the problem size and flags.
+    One ``triton.autotune`` wrapper per kernel and heuristic config (the candidates are that
+    config's neighbours, the first being the config itself), built on first use and cached;
+    its key is the problem size and flags.
     """
-    if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+    if not _on_gpu(args):
         return None
     name = _name(kernel)
     owned, candidates, grid_fn, key = _TUNED[name]
     if name == "_dx_kernel" and not meta.get("WITH_DX", True):
         return None  # no GEMM in it: the dA pass over x only
-    base = {k: meta[k] for k in owned if k in meta}
-    if len(base) != len(owned):
+    if not all(k in meta for k in owned):
         return None
-    cache_key = (name, tuple(sorted(base.items())))
+    cache_key = (name, tuple(sorted(meta.items())))
     tuner = _TUNERS.get(cache_key)
     if tuner is None:
         import triton
 
+        configs = []
+        for c in candidates(dict(meta)):
+            c = {k: c[k] for k in owned}
+            if c not in configs:
+                configs.append(c)
         configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
-                                 num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates(base)]
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
         tuner = triton.autotune(configs=configs, key=[k for k in key if k in kernel.arg_names])(kernel)
         _TUNERS[cache_key] = tuner
     rest = {k: v for k, v in meta.items() if k not in owned}

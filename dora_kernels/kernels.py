@@ -111,7 +111,7 @@ def _norm_kernel(
 
 @triton.jit
 def _xa_kernel(
-    xa_ptr,  # out (N, R) fp32, contiguous: x̃·Aᵀ
+    xa_ptr,  # out (N, R), contiguous: x̃·Aᵀ (fp32, or the adapters' 16-bit dtype)
     x_ptr, stride_xn, stride_xk,  # x: token, column
     a_ptr, stride_ar, stride_ak,  # A: rank, column
     N, K, R, p, seed, inv_keep,
@@ -143,7 +143,7 @@ def _xa_kernel(
             b_acc = tl.dot(b_x.to(b_at.dtype), b_at, b_acc)
     if HAS_DROPOUT:
         b_acc = b_acc * inv_keep
-    tl.store(xa_ptr + o_n[:, None] * R + o_r[None, :], b_acc, mask=m_n[:, None] & m_r[None, :])
+    tl.store(xa_ptr + o_n[:, None] * R + o_r[None, :], _rounded(b_acc, xa_ptr), mask=m_n[:, None] & m_r[None, :])
 
 
 @triton.jit
@@ -153,7 +153,7 @@ def _fwd_kernel(
     x_ptr, stride_xn, stride_xk,  # x: token, column
     w_ptr, stride_wm, stride_wk,  # W0: row, column
     b_ptr, stride_bm, stride_br,  # B: row, rank
-    xa_ptr,  # (N, R) fp32, contiguous
+    xa_ptr,  # (N, R), contiguous
     mag_ptr, norm_ptr, bias_ptr,  # (M,) each
     N, M, K, R, scaling, p, seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -206,7 +206,8 @@ def _fwd_kernel(
         b_lora = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         m_r = (r0 + o_r) < R
-        b_xa = tl.load(xa_ptr + o_n[:, None] * R + (r0 + o_r)[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+        b_xa = tl.load(xa_ptr + o_n[:, None] * R + (r0 + o_r)[None, :], mask=m_n[:, None] & m_r[None, :],
+                       other=0.0).to(tl.float32)
         b_bt = tl.load(b_ptr + o_m[None, :] * stride_bm + (r0 + o_r)[:, None] * stride_br,
                        mask=m_m[None, :] & m_r[:, None], other=0.0).to(tl.float32)
         if HAS_DROPOUT:
@@ -238,7 +239,7 @@ def _bwd_g_kernel(
     db_ptr,  # out (T, M, R) fp32: per token group, (G ⊙ g)ᵀ·xa
     g_ptr, stride_gn, stride_gm,  # G = dL/dy: token, column
     u_ptr, stride_un, stride_um,  # u (ũ with dropout) saved by the forward: token, column
-    xa_ptr,  # (N, R) fp32, contiguous
+    xa_ptr,  # (N, R), contiguous
     b_ptr, stride_bm, stride_br,  # B: row, rank
     mag_ptr, norm_ptr,  # (M,) each
     N, M, R, TOK_PER_PROG, COL_PER_PROG,
@@ -257,7 +258,8 @@ def _bwd_g_kernel(
     for n0 in range(tok0, tl.minimum(tok0 + TOK_PER_PROG, N), BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
-        b_xa = tl.load(xa_ptr + o_n[:, None] * R + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+        b_xa = tl.load(xa_ptr + o_n[:, None] * R + o_r[None, :], mask=m_n[:, None] & m_r[None, :],
+                       other=0.0).to(tl.float32)
         b_gb = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for m0 in range(col0, tl.minimum(col0 + COL_PER_PROG, M), BLOCK_M):
             o_m = m0 + tl.arange(0, BLOCK_M)

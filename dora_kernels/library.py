@@ -5,7 +5,7 @@ chosen at run time on real tensors exactly as in eager mode):
 
 - ``dora_kernels::dora_fwd(x, weight, lora_A, lora_B, magnitude, bias?, norm?, seed?, scaling,
   p, with_wa, need_u) -> (y, xa, u, norm, wa)``: x (N, K) 2-D; y (N, M) in x's dtype; xa (N, R)
-  fp32; u = x̃·W0ᵀ + s·xa·Bᵀ (N, M) when ``need_u`` (x's dtype; with dropout the wider of x's
+  (``ops.xa_dtype``); u = x̃·W0ᵀ + s·xa·Bᵀ (N, M) when ``need_u`` (x's dtype; with dropout the wider of x's
   and the adapters'), else empty;
   norm (M,) fp32; wa = W0·Aᵀ (M, R) fp32 for the exact norm gradient, else empty. ``seed``
   is a CPU int64 tensor of one element (None without dropout), so a compiled graph keeps the
@@ -39,8 +39,8 @@ def dora_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitud
              with_wa: bool, need_u: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     y, xa, ud, n, wa = ops.fused_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, _seed(seed), with_wa,
                                          norm, need_u)
-    if n is norm:  # a custom op's outputs may not alias its inputs
-        n = n.clone()
+    if n is norm:  # a custom op's outputs may not alias its inputs: the given norm is not returned
+        n = n.new_empty(0)
     return (y, xa, ud if ud is not None else x.new_empty(0), n, wa if wa is not None else n.new_empty(0))
 
 
@@ -48,8 +48,9 @@ def dora_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitud
 def _(x, weight, lora_A, lora_B, magnitude, bias, norm, seed, scaling, p, with_wa, need_u):
     N, M, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     u = x.new_empty((N, M), dtype=ops._u_dtype(x.dtype, lora_A.dtype, p)) if need_u else x.new_empty(0)
-    return (x.new_empty((N, M)), x.new_empty((N, R), dtype=_F32), u,
-            x.new_empty((M,), dtype=_F32), x.new_empty((M, R) if with_wa else (0,), dtype=_F32))
+    n = (M,) if (norm is None or with_wa) else (0,)
+    return (x.new_empty((N, M)), x.new_empty((N, R), dtype=ops.xa_dtype(lora_A.dtype)), u,
+            x.new_empty(n, dtype=_F32), x.new_empty((M, R) if with_wa else (0,), dtype=_F32))
 
 
 @torch.library.custom_op("dora_kernels::dora_bwd", mutates_args=())
@@ -74,8 +75,12 @@ def _(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa, seed, s
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, magnitude, bias, _, seed, scaling, p, with_wa, _need_u = inputs
+    x, weight, lora_A, lora_B, magnitude, bias, norm_in, seed, scaling, p, with_wa, _need_u = inputs
     y, xa, u, norm, wa = output
+    if norm_in is not None and not with_wa:
+        norm = norm_in
+    # Only y carries a gradient: no zero tensors for the others.
+    ctx.set_materialize_grads(False)
     ctx.scaling, ctx.p, ctx.exact = scaling, p, with_wa
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u,
                           wa if with_wa else None, seed)

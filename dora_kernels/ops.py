@@ -134,7 +134,7 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
 def _xa(x, lora_A, p, seed, inv_keep):
     N, K = x.shape
     R = lora_A.shape[0]
-    xa = torch.empty((N, R), dtype=torch.float32, device=x.device)
+    xa = torch.empty((N, R), dtype=xa_dtype(lora_A.dtype), device=x.device)
     if N == 0:
         return xa
     arch, _ = target(x)
@@ -149,6 +149,12 @@ def _xa(x, lora_A, p, seed, inv_keep):
     return xa
 
 
+def xa_dtype(a_dtype):
+    """x·Aᵀ is kept in the adapters' dtype (as PEFT's lora_A output), but never below fp32 for
+    fp32 adapters."""
+    return a_dtype if a_dtype in _HALF else torch.float32
+
+
 def _u_dtype(x_dtype, a_dtype, p):
     # u is saved in x's dtype; with dropout, ũ in the dtype PEFT computes the dropped branch in
     # (x cast to the adapters'), which keeps dm as accurate as PEFT's.
@@ -159,7 +165,7 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p
     """y = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + bias, g = m / n; PEFT's dropout form when p > 0.
 
     x: (N, K) with unit last stride; norm: (M,) fp32. Returns ``(y, xa, u)``: y (N, M) in x's
-    dtype, xa = x̃·Aᵀ (N, R) fp32, and with ``need_u`` u = x̃·W0ᵀ + s·xa·Bᵀ (N, M), the one
+    dtype, xa = x̃·Aᵀ (N, R) in ``xa_dtype``, and with ``need_u`` u = x̃·W0ᵀ + s·xa·Bᵀ (N, M), the one
     (N, M) tensor the backward needs (``_u_dtype``; else None).
     """
     N, K = x.shape
@@ -176,7 +182,7 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p
         if p > 0:
             xd = x * _torch_keep_mask(seed, (N, K), p, dev).to(x.dtype)
         ct = torch.promote_types(x.dtype, lora_A.dtype)
-        xa = (xd.to(ct) @ lora_A.T.to(ct)).float() * inv_keep
+        xa = ((xd.to(ct) @ lora_A.T.to(ct)).float() * inv_keep).to(xa_dtype(lora_A.dtype)).float()
         g = _g(magnitude, norm)
         lora = xa @ lora_B.float().T
         base = (x @ weight.T).float()
@@ -189,7 +195,7 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p
             y = g * u
         if bias is not None:
             y = y + bias.float()
-        return y.to(x.dtype), xa, (u.to(udt) if need_u else None)
+        return y.to(x.dtype), xa.to(xa_dtype(lora_A.dtype)), (u.to(udt) if need_u else None)
 
     y = torch.empty((N, M), dtype=x.dtype, device=dev)
     u = torch.empty((N, M), dtype=udt, device=dev) if need_u else None
@@ -229,6 +235,9 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
     dev = x.device
     inv_keep = 1.0 / (1.0 - p)
     magnitude = magnitude.contiguous()
+    if norm.shape != (M,) or xa.shape != (N, R) or u.shape != (N, M) or grad.shape != (N, M):
+        raise ValueError(f"dora_backward: norm {tuple(norm.shape)}, xa {tuple(xa.shape)}, u {tuple(u.shape)} and "
+                         f"grad {tuple(grad.shape)} must be ({M},), ({N}, {R}), ({N}, {M}) and ({N}, {M})")
     if not uses_triton(x):
         g = _g(magnitude, norm)
         G = grad.float()
@@ -236,7 +245,7 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
         dm = ((G * u.float()).sum(0) * inv_n).to(magnitude.dtype)
         gs = G * g
         gb = gs @ lora_B.float()
-        dB = (scaling * (gs.T @ xa)).to(lora_B.dtype)
+        dB = (scaling * (gs.T @ xa.float())).to(lora_B.dtype)
         keep = _torch_keep_mask(seed, (N, K), p, dev) if p > 0 else None
         xd = x.float() if keep is None else x.float() * keep
         dA = (scaling * inv_keep * (gb.T @ xd)).to(lora_A.dtype)
@@ -286,7 +295,7 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
     dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
     dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
     dm = torch.empty_like(magnitude)
-    block = 1024
+    block = 512
     grid = (triton_cdiv(R * K, block) + triton_cdiv(M * R, block) + triton_cdiv(M, block),)
     launch(K_._finalize_kernel, grid,
            (dA, dB, dm, da_part, db_part, dm_part, norm, tn, T, R * K, M * R, M, float(scaling * inv_keep),

@@ -197,6 +197,7 @@ def main(argv=None) -> int:
                     help="on a CPU: the Triton kernels through the interpreter, or the pure-torch path")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a CPU run in seconds)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default=None, help="run only the cases whose id contains this text")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per check, passing ones too")
     args = ap.parse_args(argv)
 
@@ -214,17 +215,27 @@ def main(argv=None) -> int:
             print("selftest: could not turn the interpreter on", file=sys.stderr)
             return 2
         return _rerun(argv, interpret=True)
-    if device == "cpu" and args.backend == "torch":
-        _launch.INTERPRET = False  # launchers read it at call time: the pure-torch path
     try:
         import reference  # noqa: F401
     except ImportError:
         print("selftest: the `reference` package is not installed (pip install the repository)", file=sys.stderr)
         return 2
+    prev = _launch.INTERPRET
+    if device == "cpu" and args.backend == "torch":
+        _launch.INTERPRET = False  # launchers read it at call time: the pure-torch path
+    try:
+        return _run_cases(args, device)
+    finally:
+        _launch.INTERPRET = prev
 
+
+def _run_cases(args, device) -> int:
     import dora_kernels
 
-    cs = cases(device, args.quick)
+    cs = [c for c in cases(device, args.quick) if args.only is None or args.only in c.id]
+    if not cs:
+        print(f"selftest: no case matches --only {args.only!r}", file=sys.stderr)
+        return 2
     print(f"dora_kernels {dora_kernels.__version__} self-test on {device}: {_backend_name(device)}; "
           f"torch {torch.__version__}" + (f", triton {_triton_version()}" if _triton_version() else ""))
     print(f"{len(cs)} cases; rule: err(op) <= 3 * err(reference, same dtype) + 2 ulps, errors vs float64")

@@ -102,6 +102,8 @@ def test_opcheck(case, backend):
                                       "test_aot_dispatch_dynamic"))
     x, w, A, B, m, b, n, seed, s, p, with_wa, need_u = args
     y, xa, u, norm, wa = torch.ops.dora_kernels.dora_fwd(*args)
+    if n is not None and not with_wa:
+        norm = n  # a given norm is used, not returned
     grad = torch.randn_like(y)
     bwd_args = (grad, x.detach(), w, A.detach(), B.detach(), m.detach(), b, norm, xa, u,
                 wa if with_wa else None, seed, s, p, with_wa, True, True, True, True, b is not None)
