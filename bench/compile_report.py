@@ -1,0 +1,626 @@
+"""Compile report: every Triton kernel of the package, in every config its launchers choose,
+compiled ahead of time for sm_80 / sm_90 / sm_100 without a GPU.
+
+``python -m bench.compile_report [--out DIR] [--arch 80,90,100] [--quick] [--jobs 2]``
+
+How the configs are found: the launchers themselves run on meta tensors inside
+``dora_kernels._launch.recording`` and ``trace_target(arch)`` (so the configs are exactly what
+the heuristics return for that GPU), through the public op (``dora_linear``: forward, backward,
+eval) and ``dropout_mask``, over
+
+* the benchmark's shapes: Llama-3-8B q/k/v/o/gate/up/down (4096→4096, 4096→1024, 4096→14336,
+  14336→4096) and a 70B up (8192→28672); tokens 1, 16, 64, 256, 4096, 16384; r 8, 16, 64,
+  256; fp32, fp16, bf16, and a bf16 base with fp32 adapters (PEFT's default on a bf16 model);
+* a coverage sweep over every bucket edge of the heuristics (tokens and ranks at and around
+  each power of two, narrow and wide layers), so that every config the heuristics can return
+  is compiled at least once;
+* four flag sets per shape — (dropout, bias, need_dx, exact norm grad) = (0,0,1,0),
+  (0,1,0,1), (1,1,1,0), (1,0,0,1) — which give every pair of values of any two flags; each
+  set runs a training step and an eval forward, so the kernels' own flags (derived from
+  these and from the mode) meet in every combination the op reaches.
+
+Each recorded launch (kernel object + actual arguments) is specialised with the JIT's own
+binder for the target (integers equal to 1 become constexprs, integers and pointers divisible
+by 16 get ``tt.divisibility``, …), deduplicated on (kernel, arch, signature, constexprs,
+attributes, options), and compiled once with ``triton.compile(ASTSource(...), target=GPUTarget)``
+in a process pool. Registers and the stack frame (``STACK``) come from the wheel's ``cuobjdump
+--dump-resource-usage``; where STACK is not zero, ptxas (the one triton uses for that arch)
+is run once more with ``-v`` and its "bytes spill stores" is the spill figure (a stack frame
+can also hold other things). Shared memory is
+the kernel's ``metadata.shared``, checked against ``heuristics.SHARED_LIMIT``; ``mma`` is the
+best tensor-core instruction in the PTX (tcgen05 > wgmma > mma.sync > none).
+
+Writes ``compile_report.csv`` and ``compile_report.md`` into ``--out`` (default
+``bench/results``). Results are cached (``~/.cache/dora_kernels/compile_report``) by kernel
+source, triton version and compile key, so a re-run recompiles only what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_ARCHS = (80, 90, 100)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (x / weight / bias dtype, adapters' dtype)
+DTYPE_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")]
+BENCH_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (8192, 28672)]
+BENCH_TOKENS = (1, 16, 64, 256, 4096, 16384)
+BENCH_RANKS = (8, 16, 64, 256)
+# (dropout, bias, need_dx, exact norm gradient): every pair of values of any two flags
+FLAG_SETS = [(0, 0, 1, 0), (0, 1, 0, 1), (1, 1, 1, 0), (1, 0, 0, 1)]
+COVER_SHAPES = [(4096, 4096), (1000, 520)]
+COVER_TOKENS = (2, 17, 32, 33, 48, 63, 65, 127, 128, 129, 16383, 16385)
+COVER_RANKS = (1, 16, 17, 32, 33, 64, 65)
+QUICK = {"shapes": [(4096, 4096)], "tokens": (1, 64, 4096), "ranks": (16,),
+         "dtypes": [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")], "flags": [(0, 0, 1, 0), (1, 1, 1, 0)],
+         "cover": False}
+SMS = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 84}
+GEMM_KERNELS = ("_fwd_kernel", "_dx_kernel")
+SEED = 1234567  # a typical dropout seed: neither 1 nor a multiple of 16
+
+COLUMNS = ["kernel", "config", "dtype", "arch", "registers", "spill_bytes", "shared_bytes", "shared_limit", "mma",
+           "mma_all", "num_warps", "num_stages", "specialization", "uses", "example", "source", "status",
+           "stack_bytes", "ptxas_spill", "compile_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tools
+
+def tool(name: str) -> str | None:
+    """Path of the wheel's ``ptxas`` / ``cuobjdump`` (or one on PATH), or None."""
+    try:
+        import triton
+
+        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.exists(p) and os.access(p, os.X_OK):
+            return p
+    except ImportError:
+        pass
+    from shutil import which
+
+    return which(name)
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas triton itself uses for sm_<arch> (a newer one for recent archs)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except Exception:
+        return tool("ptxas")
+
+
+def tools_available() -> bool:
+    return tool("ptxas") is not None and tool("cuobjdump") is not None
+
+
+def arch_supported(arch: int) -> bool:
+    """Whether this triton can target sm_<arch> (compiles a one-line kernel)."""
+    try:
+        _compile_probe(arch)
+        return True
+    except Exception:
+        return False
+
+
+def _compile_probe(arch):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def _probe(p):
+        tl.store(p, 1.0)
+
+    triton.compile(ASTSource(_probe, {"p": "*fp32"}, {}, {}), target=GPUTarget("cuda", arch, 32))
+
+
+# ---------------------------------------------------------------------------------------------
+# the launches the launchers choose (meta tensors)
+
+@dataclass(frozen=True)
+class Case:
+    in_f: int
+    out_f: int
+    tokens: int
+    r: int
+    dtype: str
+    adapter: str
+    dropout: int
+    bias: int
+    need_dx: int
+    exact: int
+    source: str
+
+    @property
+    def label(self):
+        d = self.dtype if self.adapter == self.dtype else f"{self.dtype}+{self.adapter}"
+        return (f"{self.in_f}->{self.out_f} N={self.tokens} r={self.r} {d}"
+                f"{' drop' if self.dropout else ''}{' bias' if self.bias else ''}"
+                f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}")
+
+
+def cases(quick: bool = False) -> list:
+    out = []
+    if quick:
+        q = QUICK
+        for (fi, fo) in q["shapes"]:
+            for n in q["tokens"]:
+                for r in q["ranks"]:
+                    for d, a in q["dtypes"]:
+                        for fl in q["flags"]:
+                            out.append(Case(fi, fo, n, r, d, a, *fl, "bench"))
+        return out
+    for (fi, fo) in BENCH_SHAPES:
+        for n in BENCH_TOKENS:
+            for r in BENCH_RANKS:
+                for d, a in DTYPE_PAIRS:
+                    for fl in FLAG_SETS:
+                        out.append(Case(fi, fo, n, r, d, a, *fl, "bench"))
+    for (fi, fo) in COVER_SHAPES:
+        for n in COVER_TOKENS:
+            for r in COVER_RANKS:
+                for d, a in DTYPE_PAIRS:
+                    for fl in FLAG_SETS:
+                        out.append(Case(fi, fo, n, r, d, a, *fl, "coverage"))
+    return out
+
+
+def record(case: Case, arch: int) -> list:
+    """The ``Launch`` records (kernel + actual arguments) of one training step and one eval
+    forward of the fused op for ``case``, planned for sm_<arch>."""
+    import dora_kernels
+    from dora_kernels import _launch
+
+    from bench.trace import OpCounter
+
+    dt, adt = DTYPES[case.dtype], DTYPES[case.adapter]
+    dev = "meta"
+    x = torch.empty((case.tokens, case.in_f), device=dev, dtype=dt, requires_grad=bool(case.need_dx))
+    w = torch.empty((case.out_f, case.in_f), device=dev, dtype=dt)
+    A = torch.empty((case.r, case.in_f), device=dev, dtype=adt, requires_grad=True)
+    B = torch.empty((case.out_f, case.r), device=dev, dtype=adt, requires_grad=True)
+    m = torch.empty((case.out_f,), device=dev, dtype=adt, requires_grad=True)
+    bias = torch.empty((case.out_f,), device=dev, dtype=dt) if case.bias else None
+    p = 0.1 if case.dropout else 0.0
+    launches = []
+    with _launch.trace_target((arch // 10, arch % 10), SMS.get(arch, 132)), _launch.recording(launches.append), \
+            OpCounter([]):
+        y = dora_kernels.dora_linear(x, w, A, B, m, 2.0, bias, dropout_p=p, training=True,
+                                     norm_grad="exact" if case.exact else "detached",
+                                     dropout_seed=SEED if p else None)
+        y.backward(torch.empty_like(y))
+        with torch.no_grad():
+            dora_kernels.dora_linear(x, w, A, B, m, 2.0, bias, dropout_p=p, training=False)
+        if p:
+            dora_kernels.dropout_mask(SEED, (case.tokens, case.in_f), p, device=dev)
+    return launches
+
+
+# ---------------------------------------------------------------------------------------------
+# the JIT's specialisation, without a driver
+
+_BINDERS: dict = {}
+
+
+def _binder(kernel, arch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    key = (id(kernel), arch)
+    if key not in _BINDERS:
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        _BINDERS[key] = (backend, create_function_from_signature(kernel.signature, kernel.params, backend))
+    return _BINDERS[key]
+
+
+def specialise(launch, arch: int) -> dict:
+    """The compile inputs the JIT would build for this launch on sm_<arch>: what ``JITFunction.run``
+    does before ``compile`` (binder, then ``_pack_args``), on the recorded arguments."""
+    kernel = launch.kernel
+    backend, binder = _binder(kernel, arch)
+    kwargs = dict(launch.meta)
+    bound, spec, opts = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
+    names = [p.name for p in kernel.params]
+    special = []
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr:
+            continue
+        v = bound[p.name]
+        if signature[p.name] == "constexpr":
+            special.append(f"{p.name}={v}")
+    for path, a in attrs.items():
+        if a and not kernel.params[path[0]].is_constexpr and not signature[names[path[0]]].startswith("*"):
+            special.append(f"{names[path[0]]}%16")
+    opt = {k: v for k, v in options.__dict__.items()}
+    return {"kernel": kernel.__name__, "module": kernel.fn.__module__, "arch": arch, "src": kernel.cache_key,
+            "signature": signature, "constexprs": [[list(k), _plain(v)] for k, v in constexprs.items()],
+            "attrs": [[list(k), v] for k, v in attrs.items()], "options": _plain(opt),
+            "num_warps": options.num_warps, "num_stages": options.num_stages,
+            "config": " ".join(f"{p.name}={_short(bound[p.name])}" for p in kernel.params if p.is_constexpr)
+            + f" w{options.num_warps} s{options.num_stages}",
+            "specialization": " ".join(special)}
+
+
+def _short(v):
+    return int(v) if isinstance(v, bool) else v
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    return str(v)
+
+
+def job_key(job: dict) -> str:
+    sig = {k: job[k] for k in ("kernel", "arch", "signature", "constexprs", "attrs", "options")}
+    return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------
+# compiling one job (in a worker process)
+
+def _tuplify(v):
+    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def _tuple_keys(pairs):
+    return {tuple(k): _tuplify(v) for k, v in pairs}
+
+
+def compile_job(job: dict) -> dict:
+    """Compile one specialised launch for its arch; registers, spills, shared memory, mma."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+    if job.get("src") and kernel.cache_key != job["src"]:
+        return {"status": "stale: the kernel's source changed after its launches were recorded; run again"}
+    constexprs = _tuple_keys(job["constexprs"])
+    attrs = {tuple(k): v for k, v in job["attrs"]}
+    target = GPUTarget("cuda", job["arch"], 32)
+    t0 = time.perf_counter()
+    res = {"status": "ok"}
+    try:
+        options = {k: _tuplify(v) for k, v in job["options"].items()}
+        ck = triton.compile(ASTSource(kernel, job["signature"], constexprs, attrs), target=target, options=options)
+    except Exception as e:  # a config that does not compile is a finding, not a crash
+        res.update(status=f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        res["compile_s"] = round(time.perf_counter() - t0, 2)
+        return res
+    res["compile_s"] = round(time.perf_counter() - t0, 2)
+    res["shared_bytes"] = int(ck.metadata.shared)
+    ptx = ck.asm.get("ptx", "")
+    kinds = [k for k, pat in (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"))
+             if pat in ptx]
+    res["mma"] = kinds[0] if kinds else "none"
+    res["mma_all"] = "+".join(kinds) if kinds else "none"
+    with tempfile.TemporaryDirectory(prefix="dora_cr_") as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        out = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True)
+        m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out.stdout)
+        if m:
+            res["registers"] = int(m.group(1))
+            res["stack_bytes"] = res["spill_bytes"] = int(m.group(2))
+        else:
+            res["status"] = f"cuobjdump: {out.stdout[-200:]} {out.stderr[-200:]}"
+        if res.get("spill_bytes"):
+            # STACK is the whole stack frame; ptxas itself tells how much of it is spills.
+            res["ptxas_spill"] = "?"
+            ptx_path = os.path.join(d, "k.ptx")
+            with open(ptx_path, "w") as f:
+                f.write(ptx)
+            arch = job["arch"]
+            sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+            v = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={sm}", ptx_path, "-o", os.path.join(d, "v.cubin")],
+                               capture_output=True, text=True)
+            sp = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", v.stderr + v.stdout)
+            if sp:
+                res["ptxas_spill"] = f"{sp.group(1)} B stores / {sp.group(2)} B loads"
+                res["spill_bytes"] = int(sp.group(1))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+def _cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dora_kernels", "compile_report")
+
+
+def _versioned_key(job, src_hash):
+    import triton
+
+    return hashlib.sha256(f"{job_key(job)}|{src_hash}|{triton.__version__}".encode()).hexdigest()[:32]
+
+
+def _arg_class(a):
+    """What the JIT specialises an argument on (a conservative superset of its key)."""
+    if isinstance(a, torch.Tensor):
+        return ("t", a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool) or a is None:
+        return ("c", a)
+    if isinstance(a, int):
+        return ("i", a == 1, a % 16 == 0, -2**31 <= a < 2**31, a >= 0)
+    return ("o", type(a).__name__)
+
+
+def collect_arch(arch: int, quick: bool = False) -> dict:
+    """{job key: job} for one arch: every distinct compile of the benchmark cases, plus one
+    compile per config (constexprs, warps, stages, dtypes) that only the coverage sweep reaches."""
+    jobs, by_pre, bench_cfgs, cover_cfgs = {}, {}, set(), set()
+    for c in cases(quick):
+        dlabel = c.dtype if c.adapter == c.dtype else f"{c.dtype}+{c.adapter}"
+        for lc in record(c, arch):
+            pre = (lc.name, tuple(sorted(lc.meta.items())), tuple(_arg_class(a) for a in lc.args))
+            k = by_pre.get(pre)
+            if k is None:
+                job = specialise(lc, arch)
+                cfg = (job["kernel"], job["config"], dlabel)
+                k = job_key(job)
+                if c.source == "bench":
+                    bench_cfgs.add(cfg)
+                elif k not in jobs and (cfg in bench_cfgs or cfg in cover_cfgs):
+                    by_pre[pre] = None  # this config is compiled already, in another specialisation
+                    continue
+                else:
+                    cover_cfgs.add(cfg)
+                by_pre[pre] = k
+                if k not in jobs:
+                    job.update(dtype=dlabel, example=c.label, source=c.source, uses=0)
+                    jobs[k] = job
+            if k is not None:
+                jobs[k]["uses"] += 1
+    return jobs
+
+
+def _collect_worker(arch, quick):
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return arch, collect_arch(arch, quick)
+
+
+def smoke_jobs(archs=(80, 90)) -> dict:
+    """A cheap subset for the test suite: per arch, every kernel at the 4096-token bf16 config
+    (the benchmark's main case: the largest tiles), the bf16 64-token GEMM tiles (BLOCK_N = 64,
+    4 warps: the smallest tile that must still reach wgmma on sm_90), and the fp32 forward GEMM."""
+    picks = [(Case(4096, 4096, 4096, 16, "bf16", "bf16", 0, 0, 1, 0, "bench"), None),
+             (Case(4096, 4096, 64, 16, "bf16", "bf16", 0, 0, 1, 0, "bench"), GEMM_KERNELS),
+             (Case(4096, 4096, 4096, 16, "fp32", "fp32", 0, 0, 1, 0, "bench"), ("_fwd_kernel",))]
+    jobs = {}
+    for arch in archs:
+        for c, only in picks:
+            for lc in record(c, arch):
+                if only is not None and lc.name not in only:
+                    continue
+                job = specialise(lc, arch)
+                k = job_key(job)
+                if k not in jobs:
+                    job.update(dtype=c.dtype, example=c.label, source="smoke", uses=0)
+                    jobs[k] = job
+                jobs[k]["uses"] += 1
+    return jobs
+
+
+def collect(archs, quick=False, *, n_jobs=1, log=print):
+    """{job key: job} for every distinct compile over ``cases(quick)`` and ``archs``."""
+    t0 = time.perf_counter()
+    jobs = {}
+    if n_jobs > 1 and len(archs) > 1:
+        with cf.ProcessPoolExecutor(max_workers=min(n_jobs, len(archs)), mp_context=mp.get_context("spawn")) as pool:
+            for arch, js in pool.map(_collect_worker, archs, [quick] * len(archs)):
+                jobs.update(js)
+                log(f"  sm_{arch}: {len(js)} distinct compiles ({time.perf_counter() - t0:.0f} s)")
+    else:
+        for arch in archs:
+            js = collect_arch(arch, quick)
+            jobs.update(js)
+            log(f"  sm_{arch}: {len(js)} distinct compiles ({time.perf_counter() - t0:.0f} s)")
+    return jobs
+
+
+def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, log=print) -> list:
+    """Compile every job (cached); return report rows sorted by kernel, arch, dtype, config."""
+    from dora_kernels import heuristics as H
+
+    cdir = _cache_dir()
+    os.makedirs(cdir, exist_ok=True)
+    results, todo = {}, []
+    for k, job in jobs.items():
+        path = os.path.join(cdir, _versioned_key(job, job["src"]) + ".json")
+        if cache and os.path.exists(path):
+            with open(path) as f:
+                results[k] = json.load(f)
+        else:
+            todo.append((k, job, path))
+    log(f"  {len(jobs)} distinct compiles: {len(results)} cached, {len(todo)} to compile on {n_jobs} processes")
+    t0 = time.perf_counter()
+    if todo:
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx) as pool:
+            futs = {pool.submit(compile_job, job): (k, path) for k, job, path in todo}
+            for i, fut in enumerate(cf.as_completed(futs), 1):
+                k, path = futs[fut]
+                try:
+                    res = fut.result()
+                except Exception as e:
+                    res = {"status": f"worker error: {type(e).__name__}: {e}"}
+                results[k] = res
+                if res.get("status") == "ok":
+                    with open(path, "w") as f:
+                        json.dump(res, f)
+                if i % 25 == 0 or i == len(todo):
+                    log(f"    {i}/{len(todo)} compiled ({time.perf_counter() - t0:.0f} s)")
+    rows = []
+    for k, job in jobs.items():
+        res = results[k]
+        arch = job["arch"]
+        limit = H.shared_limit((arch // 10, arch % 10))
+        row = {"kernel": job["kernel"], "config": job["config"], "dtype": job["dtype"], "arch": f"sm_{arch}",
+               "registers": res.get("registers", ""), "spill_bytes": res.get("spill_bytes", ""),
+               "shared_bytes": res.get("shared_bytes", ""), "shared_limit": limit, "mma": res.get("mma", ""),
+               "mma_all": res.get("mma_all", ""), "num_warps": job["num_warps"], "num_stages": job["num_stages"],
+               "specialization": job["specialization"], "uses": job["uses"], "example": job["example"],
+               "source": job["source"], "status": res.get("status", ""), "stack_bytes": res.get("stack_bytes", ""),
+               "ptxas_spill": res.get("ptxas_spill", ""),
+               "compile_s": res.get("compile_s", "")}
+        row["status"] = "; ".join(problems(row)) or row["status"]
+        rows.append(row)
+    rows.sort(key=lambda r: (r["kernel"], r["arch"], r["dtype"], r["config"], r["specialization"]))
+    return rows
+
+
+def is_gemm_config(row) -> bool:
+    """A bf16/fp16 GEMM tile that ought to reach wgmma on sm_90: ``_fwd_kernel`` / ``_dx_kernel``
+    (with its dx loop) with BLOCK_N >= 64 and >= 4 warps."""
+    cfg = dict(kv.split("=", 1) for kv in row["config"].split() if "=" in kv)
+    if row["kernel"] not in GEMM_KERNELS or row["dtype"].split("+")[0] not in ("bf16", "fp16"):
+        return False
+    if row["kernel"] == "_dx_kernel" and cfg.get("WITH_DX") == "0":
+        return False  # the dA pass alone: a rank-r product, no GEMM
+    return int(cfg.get("BLOCK_N", 0)) >= 64 and int(row["num_warps"]) >= 4
+
+
+def problems(row) -> list:
+    out = []
+    if row["status"] not in ("ok", ""):
+        return [row["status"]]
+    if row["spill_bytes"] not in ("", 0):
+        out.append(f"SPILL {row['spill_bytes']} B")
+    if row["shared_bytes"] != "" and row["shared_bytes"] > row["shared_limit"]:
+        out.append(f"OVER SHARED {row['shared_bytes']} > {row['shared_limit']}")
+    if row["arch"] == "sm_90" and is_gemm_config(row) and row["mma"] != "wgmma":
+        out.append(f"NO WGMMA ({row['mma']})")
+    return out
+
+
+def write(rows, out_dir, *, argv=(), elapsed=None, n_jobs=2):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "compile_report.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    import triton
+
+    bad = [r for r in rows if r["status"] != "ok"]
+    md = ["# Compile report", "",
+          f"`python -m bench.compile_report {' '.join(argv)}` — triton {triton.__version__}, torch "
+          f"{torch.__version__}, compiled ahead of time (no GPU)"
+          + (f", {elapsed:.0f} s on {n_jobs} processes" if elapsed else "") + ".", "",
+          "One row per distinct compile (kernel, arch, JIT specialisation, constexprs, warps, stages). "
+          "`spill_bytes` is ptxas's spill stores where cuobjdump's STACK is not 0 (else 0); `shared_limit` is `heuristics.SHARED_LIMIT`; `mma` the best "
+          "tensor-core instruction in the PTX; `uses` how many launches of the traced cases compile to it; "
+          "`source` bench (a benchmark shape reaches it) or coverage (only the heuristic sweep does).", "",
+          f"**{len(rows)} compiles, {len(bad)} flagged** (spill, shared memory over the limit, a bf16/fp16 GEMM "
+          "tile without wgmma on sm_90, or a compile error).", ""]
+    cfgs = {}
+    for r in rows:
+        cfgs.setdefault((r["arch"], r["kernel"], r["config"], r["dtype"]), set()).add(r["source"])
+    for arch in sorted({a for a, *_ in cfgs}):
+        mine = [v for (a, *_), v in cfgs.items() if a == arch]
+        md.append(f"- {arch}: {len(mine)} distinct configs (kernel, constexprs, warps, stages, dtypes) that the "
+                  f"heuristics return, {sum('bench' in v for v in mine)} of them on the benchmark's shapes, "
+                  f"{sum('bench' not in v for v in mine)} only in the coverage sweep; every one compiled here.")
+    md.append("")
+    if bad:
+        md += ["## Flagged", "", "| kernel | arch | dtype | config | spec | regs | spill | shared | mma | status | example |",
+               "|---|---|---|---|---|---:|---:|---:|---|---|---|"]
+        for r in bad:
+            md.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | `{r['config']}` | {r['specialization']} | "
+                      f"{r['registers']} | {r['spill_bytes']} {r['ptxas_spill']} | {r['shared_bytes']} | {r['mma']} | "
+                      f"{r['status']} | {r['example']} |")
+        md.append("")
+    md += ["## Summary by kernel and arch", "", "| kernel | arch | compiles | max regs | spilling | max shared KiB | limit KiB | mma |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["arch"]), []).append(r)
+    for (k, a), rs in sorted(groups.items()):
+        regs = [r["registers"] for r in rs if r["registers"] != ""]
+        sh = [r["shared_bytes"] for r in rs if r["shared_bytes"] != ""]
+        mmas = sorted({r["mma"] for r in rs if r["mma"]})
+        md.append(f"| {k} | {a} | {len(rs)} | {max(regs) if regs else ''} | "
+                  f"{sum(1 for r in rs if r['spill_bytes'] not in ('', 0))} | "
+                  f"{max(sh) / 1024 if sh else 0:.0f} | {rs[0]['shared_limit'] / 1024:.0f} | {', '.join(mmas)} |")
+    md += ["", "## All compiles", "",
+           "| kernel | config | dtype | arch | registers | spill_bytes | shared_bytes | shared_limit | mma | spec | uses | source | status |",
+           "|---|---|---|---|---:|---:|---:|---:|---|---|---:|---|---|"]
+    for r in rows:
+        md.append(f"| {r['kernel']} | `{r['config']}` | {r['dtype']} | {r['arch']} | {r['registers']} | "
+                  f"{r['spill_bytes']} | {r['shared_bytes']} | {r['shared_limit']} | {r['mma_all']} | "
+                  f"{r['specialization']} | {r['uses']} | {r['source']} | {r['status']} |")
+    with open(os.path.join(out_dir, "compile_report.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return bad
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    ap.add_argument("--arch", default=None, help="comma-separated compute capabilities (default 80,90 and 100 "
+                                                  "where this triton targets it)")
+    ap.add_argument("--quick", action="store_true", help="one shape, three token counts, r=16, fp32/bf16")
+    ap.add_argument("--jobs", type=int, default=2, help="compiling processes (default 2)")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the test suite's cheap subset (a few configs per kernel)")
+    args = ap.parse_args(argv)
+    # The report compiles the kernels, so they must be JIT functions, not the interpreter's.
+    if "dora_kernels.kernels" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "0"
+    elif os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_report: dora_kernels was imported under TRITON_INTERPRET=1; run it in a fresh process",
+              file=sys.stderr)
+        return 2
+    if not tools_available():
+        print("compile_report: ptxas / cuobjdump not found (neither in the triton wheel nor on PATH)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
+    t0 = time.perf_counter()
+    if args.arch:
+        archs = [int(a) for a in args.arch.split(",") if a]
+    else:
+        archs = [a for a in DEFAULT_ARCHS if a < 100 or arch_supported(a)]
+    print(f"compile report for sm_{', sm_'.join(map(str, archs))}"
+          f"{' (quick)' if args.quick else ''}{' (smoke subset)' if args.smoke else ''}")
+    jobs = smoke_jobs(archs) if args.smoke else collect(archs, args.quick, n_jobs=args.jobs)
+    rows = compile_all(jobs, args.jobs, cache=not args.no_cache)
+    elapsed = time.perf_counter() - t0
+    bad = write(rows, args.out, argv=argv, elapsed=elapsed, n_jobs=args.jobs)
+    print(f"{len(rows)} compiles, {len(bad)} flagged; wrote {args.out}/compile_report.csv and .md "
+          f"({elapsed:.0f} s)")
+    for r in bad:
+        print(f"  {r['kernel']} {r['arch']} {r['dtype']} [{r['config']}] {r['specialization']}: {r['status']} "
+              f"(regs {r['registers']}, shared {r['shared_bytes']}; e.g. {r['example']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

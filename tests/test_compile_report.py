@@ -1,0 +1,152 @@
+"""The kernels compile, without a GPU, to code that neither spills nor overflows shared memory,
+and their 16-bit GEMM tiles reach wgmma on sm_90.
+
+Runs ``python -m bench.compile_report --smoke`` (a few configs per kernel: the benchmark's main
+4096-token bf16 case for every kernel, the 64-token bf16 GEMM tiles and the fp32 forward GEMM, for
+sm_80 and sm_90) in a fresh process — the kernels must be JIT functions there, while this
+test session interprets them — and holds each compile to the report's own rules
+(``bench.compile_report.problems``). Skipped when the wheel's ptxas / cuobjdump are missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import compile_report as CR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(not CR.tools_available(), reason="ptxas / cuobjdump not available")
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile_report")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_report", "--smoke", "--arch", "80,90", "--no-cache",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "compile_report.csv") as f:
+        got = list(csv.DictReader(f))
+    for r in got:  # the CSV's numbers, as the report computed them
+        for k in ("registers", "spill_bytes", "shared_bytes", "shared_limit", "num_warps"):
+            r[k] = int(r[k]) if r[k] not in ("", None) else ""
+    return got
+
+
+def _id(r):
+    return f"{r['kernel']} {r['arch']} {r['dtype']} [{r['config']}] e.g. {r['example']}"
+
+
+def test_every_kernel_and_arch_compiled(rows):
+    kernels = {r["kernel"] for r in rows}
+    assert {"_norm_kernel", "_xa_kernel", "_fwd_kernel", "_bwd_g_kernel", "_dx_kernel"} <= kernels, kernels
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    bad = [f"{_id(r)}: {r['status']}" for r in rows if r["status"].startswith(("compile error", "worker", "cuobjdump"))]
+    assert not bad, "\n".join(bad)
+    assert all(r["registers"] != "" and r["shared_bytes"] != "" for r in rows)
+
+
+def test_no_spills(rows):
+    bad = [f"{_id(r)}: {r['spill_bytes']} B spilled ({r['ptxas_spill']}), {r['registers']} registers"
+           for r in rows if r["spill_bytes"] not in ("", 0)]
+    assert not bad, "\n".join(bad)
+
+
+def test_shared_memory_within_the_arch_limit(rows):
+    bad = [f"{_id(r)}: {r['shared_bytes']} B > {r['shared_limit']} B" for r in rows
+           if r["shared_bytes"] != "" and r["shared_bytes"] > r["shared_limit"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_16bit_gemm_tiles_use_wgmma_on_sm90(rows):
+    gemm = [r for r in rows if r["arch"] == "sm_90" and CR.is_gemm_config(r)]
+    assert gemm, "no bf16 GEMM tile in the subset"
+    bad = [f"{_id(r)}: {r['mma_all']}" for r in gemm if r["mma"] != "wgmma"]
+    assert not bad, "\n".join(bad)
+
+
+def test_rules_flag_what_they_should():
+    """The report's own checks (used above and in the committed report) catch each problem."""
+    ok = {"kernel": "_fwd_kernel", "config": "BLOCK_N=128 BLOCK_M=128 w8 s4", "dtype": "bf16", "arch": "sm_90",
+          "registers": 190, "spill_bytes": 0, "shared_bytes": 1000, "shared_limit": 2000, "mma": "wgmma",
+          "num_warps": 8, "status": "ok"}
+    assert CR.problems(ok) == []
+    assert CR.problems({**ok, "spill_bytes": 48})[0].startswith("SPILL")
+    assert CR.problems({**ok, "shared_bytes": 4000})[0].startswith("OVER SHARED")
+    assert CR.problems({**ok, "mma": "mma"})[0].startswith("NO WGMMA")
+    assert CR.problems({**ok, "mma": "mma", "arch": "sm_80"}) == []
+    assert CR.problems({**ok, "mma": "mma", "config": "BLOCK_N=32 BLOCK_M=64 w4 s4"}) == []  # small-token tile
+    assert CR.problems({**ok, "mma": "mma", "dtype": "fp32"}) == []
+
+
+def test_autotune_candidates_keep_what_the_launchers_rely_on():
+    """DORA_KERNELS_AUTOTUNE=1: the GEMM candidates start from the heuristic's config, are
+    distinct, and the dx kernel keeps BLOCK_N (the launcher sizes the dA partials by it)."""
+    from dora_kernels import _launch
+    from dora_kernels import heuristics as H
+
+    for name, base in (("_fwd_kernel", H.fwd_config(4096, 4096, 4096, 16, torch.bfloat16, (9, 0))),
+                       ("_dx_kernel", H.dx_config(4096, 4096, 4096, 16, torch.bfloat16, (9, 0)))):
+        owned, candidates, grid, key = _launch._TUNED[name]
+        got = candidates(dict(base))
+        assert got[0] == base and len(got) > 1
+        assert len({tuple(sorted(c.items())) for c in got}) == len(got)
+        assert all(set(owned) <= set(c) for c in got)
+        if name == "_dx_kernel":
+            assert all(c["BLOCK_N"] == base["BLOCK_N"] for c in got)
+            assert grid({"N": 300, "K": 1000, "BLOCK_N": 128, "BLOCK_K": 64}) == (3 * 16,)
+        else:
+            assert grid({"N": 300, "M": 1000, "BLOCK_N": 128, "BLOCK_M": 64}) == (3 * 16,)
+
+
+def test_autotune_is_ignored_off_the_gpu(monkeypatch):
+    from dora_kernels import _launch
+
+    monkeypatch.setenv("DORA_KERNELS_AUTOTUNE", "1")
+    x = torch.zeros(4, 8)
+    assert _launch._autotuned(type("K", (), {"__name__": "_fwd_kernel"})(), {"BLOCK_N": 16}, (x,)) is None
+
+
+def test_autotune_plumbing_gives_the_same_numbers(monkeypatch):
+    """The autotuned launch (grid from the chosen config, the autotuner owning the tile keys)
+    computes what the plain launch computes. Checked under the interpreter with one candidate
+    (the heuristic's config): Triton benchmarks several only on a GPU."""
+    from dora_kernels import _launch, ops
+
+    if not _launch.INTERPRET:
+        pytest.skip("needs the interpreter (a CPU run)")
+    import dora_kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(70, 48, requires_grad=True)
+    w = torch.randn(40, 48)
+    A, B, m = torch.randn(8, 48, requires_grad=True), torch.randn(40, 8, requires_grad=True), torch.rand(40,
+                                                                                                     requires_grad=True)
+
+    def run():
+        y = dora_kernels.dora_linear(x, w, A, B, m, 2.0)
+        y.backward(torch.ones_like(y))
+        grads = [t.grad.clone() for t in (x, A, B, m)]
+        for t in (x, A, B, m):
+            t.grad = None
+        return [y.detach()] + grads
+
+    plain = run()
+    monkeypatch.setenv("DORA_KERNELS_AUTOTUNE", "1")
+    monkeypatch.setattr(_launch, "_on_gpu", lambda args: True)
+    monkeypatch.setattr(_launch, "_TUNERS", {})
+    for name, (owned, _, grid, key) in list(_launch._TUNED.items()):
+        monkeypatch.setitem(_launch._TUNED, name, (owned, lambda meta: [meta], grid, key))
+    monkeypatch.setattr(ops, "uses_triton", lambda t: t.dtype != torch.float64)
+    monkeypatch.setattr(_launch, "INTERPRET", False)  # launch() takes the autotune branch
+    tuned = run()
+    assert sorted(k[0] for k in _launch._TUNERS) == ["_dx_kernel", "_fwd_kernel"]
+    for a, b in zip(plain, tuned):
+        assert torch.equal(a, b)
