@@ -14,8 +14,10 @@ adapter and it is neither merged nor disabled: one call of the fused op gives
 ``lora_dropout`` is an active ``nn.Dropout``). Further active adapters are then applied with
 PEFT's own arithmetic, on the running result, as PEFT does. In every other case (merged,
 ``disable_adapter()``, ``adapter_names=``, a plain LoRA adapter first, extra positional
-arguments, hooks on the base layer, an unfrozen base weight, mismatched dtypes or devices)
-the layer runs PEFT's own ``forward``.
+arguments, hooks on the base layer, an unfrozen base weight, mismatched dtypes or devices,
+PEFT's DoRA caching (``peft.helpers.DoraCaching``) in eval mode) the layer runs PEFT's own
+``forward``, which fills and reads PEFT's caches; an uncached fused call clears them as
+PEFT's does.
 
 Layers the op cannot serve (DoRA on Embedding, Conv, a quantised or otherwise custom base
 layer) are left alone; ``fuse`` warns about them and ``fuse_report(model)`` lists them.
@@ -119,6 +121,13 @@ def _dropout_p(module, dropout) -> float | None:
     return None
 
 
+def _peft_dora_caching(dora_layer) -> bool:
+    """PEFT's DoRA caching (``peft.helpers.DoraCaching``) is on for this adapter's DoRA layer:
+    the flag read at call time, as PEFT's ``cache_decorator`` reads it (eval mode only)."""
+    dora = sys.modules.get("peft.tuners.lora.dora")
+    return bool(getattr(dora, "ENABLE_DORA_CACHING", False)) and not dora_layer.training
+
+
 def _fused_args(module, x, args, kwargs):
     """The arguments of ``dora_linear`` for the first active adapter, or None when this call
     must run PEFT's forward. Reads the parameters now, never at fuse time."""
@@ -137,6 +146,8 @@ def _fused_args(module, x, args, kwargs):
         return None
     if name not in module.lora_magnitude_vector:
         return None
+    if _peft_dora_caching(module.lora_magnitude_vector[name]):
+        return None  # peft.helpers.DoraCaching in eval: PEFT's path fills and reads its caches
     p = _dropout_p(module, module.lora_dropout[name])
     if p is None:
         return None
@@ -171,6 +182,9 @@ def _forward(self, x, *args, **kwargs):
     if plan is None:
         return type(self)._dora_kernels_base.forward(self, x, *args, **kwargs)
     name, rest, (x, weight, A, B, m, scaling, bias, p) = plan
+    dora_layer = self.lora_magnitude_vector[name]
+    if getattr(dora_layer, "_dora_cache", None):
+        dora_layer._cache_clear()  # PEFT drops its DoRA cache on every uncached call
     result = dora_linear(x, weight, A, B, m, scaling, bias, dropout_p=p, training=True)
     if not rest:
         return result

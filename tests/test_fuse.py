@@ -621,3 +621,29 @@ def test_unfrozen_base_weight_takes_peft_path():
     w.requires_grad_(True)
     model(torch.randn(3, IN, device=DEVICE)).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_peft_dora_caching_is_honoured(monkeypatch):
+    """``peft.helpers.DoraCaching`` in eval: PEFT's path fills its caches; a later uncached call
+    (fused) clears them, as PEFT's does; train mode stays fused and uncached."""
+    from peft.helpers import DoraCaching
+
+    calls = count_fused_calls(monkeypatch)
+    model = dora_kernels.fuse(tiny_peft()).eval()
+    ref = dora_kernels.unfuse(copy.deepcopy(model))
+    caches = [model.get_submodule(n).lora_magnitude_vector["default"]._dora_cache for n in (LIN0, LIN1)]
+    x = torch.randn(3, IN, device=DEVICE)
+    expected = ref(x)
+    try:
+        with DoraCaching():
+            y = model(x)
+            assert not calls and all(caches)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+        assert len(calls) == 2 and not any(caches)
+        model.train()
+        with DoraCaching():
+            model(x)
+            assert len(calls) == 4 and not any(caches)
+    finally:
+        DoraCaching()(enabled=False)
