@@ -156,13 +156,9 @@ def _peft(t: Tensors, *, dora: bool) -> nn.Module:
 
 def _fused_peft(t: Tensors) -> nn.Module:
     dk = _require("dora_kernels", "dora_kernels does not import")
-    fuse = getattr(dk, "fuse", None)
-    if fuse is None:
-        raise Unavailable("dora_kernels.fuse is not there yet (issue 5)")
     layer = _peft(t, dora=True)
-    fuse(layer)
-    fused = getattr(dk, "fused_layers", None)
-    if fused is not None and not fused(layer):
+    dk.fuse(layer)
+    if not dk.fused_layers(layer):
         raise Unavailable("dora_kernels.fuse left the PEFT layer unfused")
     return layer
 
@@ -200,12 +196,10 @@ def check_installed(provider: str) -> str | None:
              "compiled": ["reference"], "peft_dora": ["peft"], "peft_lora": ["peft"], "linear": []}[provider]
     for mod in needs:
         try:
-            m = importlib.import_module(mod)
+            importlib.import_module(mod)
         except ImportError as e:
             missing = isinstance(e, ModuleNotFoundError) and e.name == mod
             return f"{mod} is not installed" if missing else f"{mod} does not import ({type(e).__name__}: {e})"
-        if provider == "fused_peft" and mod == "dora_kernels" and not hasattr(m, "fuse"):
-            return "dora_kernels.fuse is not there yet (issue 5)"
     return None
 
 
