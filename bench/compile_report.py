@@ -521,6 +521,10 @@ def problems(row) -> list:
     return out
 
 
+def _rel(arg: str) -> str:
+    return os.path.relpath(arg) if os.path.isabs(arg) and os.path.exists(arg) else arg
+
+
 def write(rows, out_dir, *, argv=(), elapsed=None, n_jobs=2):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "compile_report.csv"), "w", newline="") as f:
@@ -531,7 +535,7 @@ def write(rows, out_dir, *, argv=(), elapsed=None, n_jobs=2):
 
     bad = [r for r in rows if r["status"] != "ok"]
     md = ["# Compile report", "",
-          f"`python -m bench.compile_report {' '.join(argv)}` — triton {triton.__version__}, torch "
+          f"`python -m bench.compile_report {' '.join(_rel(a) for a in argv)}` — triton {triton.__version__}, torch "
           f"{torch.__version__}, compiled ahead of time (no GPU)"
           + (f", {elapsed:.0f} s on {n_jobs} processes" if elapsed else "") + ".", "",
           "One row per distinct compile (kernel, arch, JIT specialisation, constexprs, warps, stages). "
@@ -547,7 +551,8 @@ def write(rows, out_dir, *, argv=(), elapsed=None, n_jobs=2):
         mine = [v for (a, *_), v in cfgs.items() if a == arch]
         md.append(f"- {arch}: {len(mine)} distinct configs (kernel, constexprs, warps, stages, dtypes) that the "
                   f"heuristics return, {sum('bench' in v for v in mine)} of them on the benchmark's shapes, "
-                  f"{sum('bench' not in v for v in mine)} only in the coverage sweep; every one compiled here.")
+                  f"{sum('bench' not in v for v in mine)} only in the coverage sweep; each one compiled here (any that "
+                  "failed to compile is listed under Flagged).")
     md.append("")
     if bad:
         md += ["## Flagged", "", "| kernel | arch | dtype | config | spec | regs | spill | shared | mma | status | example |",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -565,11 +564,14 @@ def plot(rows, path, gpu="H100-SXM") -> bool:
     for j, layer in enumerate(layers):
         for i, mode in enumerate(("step", "eval")):
             ax = axes[i][j]
-            for p in dict.fromkeys(r["provider"] for r in rows):
+            styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+            markers = ["o", "s", "^", "v", "D", "x"]
+            for i, p in enumerate(dict.fromkeys(r["provider"] for r in rows)):
                 pts = sorted((r["tokens"], r["ratio_floor"]) for r in rows
                              if r["gpu"] == gpu and r["mode"] == mode and r["layer"] == layer and r["provider"] == p)
-                if pts:
-                    ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=p)
+                if pts:  # distinct dashes and markers: coinciding providers (fused / fused_peft) stay visible
+                    ax.plot([a for a, _ in pts], [b for _, b in pts], marker=markers[i % 6], linestyle=styles[i % 6],
+                            markersize=4, label=p)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{layer} {mode}", fontsize=9)
