@@ -1,7 +1,7 @@
 """Compile report: every Triton kernel of the package, in every config its launchers choose,
-compiled ahead of time for sm_80 / sm_90 / sm_100 without a GPU.
+compiled ahead of time for sm_80 / sm_90 (or other archs) without a GPU.
 
-``python -m bench.compile_report [--out DIR] [--arch 80,90,100] [--quick] [--jobs 2]``
+``python -m bench.compile_report [--out DIR] [--arch 80,90] [--quick] [--jobs 2] [--reuse CSV --verify N]``
 
 How the configs are found: the launchers themselves run on meta tensors inside
 ``dora_kernels._launch.recording`` and ``trace_target(arch)`` (so the configs are exactly what
@@ -10,10 +10,13 @@ eval) and ``dropout_mask``, over
 
 * the benchmark's shapes: Llama-3-8B q/k/v/o/gate/up/down (4096→4096, 4096→1024, 4096→14336,
   14336→4096) and a 70B up (8192→28672); tokens 1, 16, 64, 256, 4096, 16384; r 8, 16, 64,
-  256; fp32, fp16, bf16, and a bf16 base with fp32 adapters (PEFT's default on a bf16 model);
+  256; fp32, fp16, bf16, and bf16/fp16 bases with fp32 adapters (PEFT's default on a
+  half-precision model);
 * a coverage sweep over every bucket edge of the heuristics (tokens and ranks at and around
-  each power of two, narrow and wide layers), so that every config the heuristics can return
-  is compiled at least once;
+  each power of two, an aligned and an odd layer), and every dtype pair the op accepts with
+  ``allow_tf32`` off and on (it picks the dots' precision), so that every config the
+  heuristics can return is compiled at least once (tests/test_compile_report.py checks this
+  on random shapes);
 * four flag sets per shape — (dropout, bias, need_dx, exact norm grad) = (0,0,1,0),
   (0,1,0,1), (1,1,1,0), (1,0,0,1) — which give every pair of values of any two flags; each
   set runs a training step and an eval forward, so the kernels' own flags (derived from
@@ -32,7 +35,11 @@ best tensor-core instruction in the PTX (tcgen05 > wgmma > mma.sync > none).
 
 Writes ``compile_report.csv`` and ``compile_report.md`` into ``--out`` (default
 ``bench/results``). Results are cached (``~/.cache/dora_kernels/compile_report``) by kernel
-source, triton version and compile key, so a re-run recompiles only what changed.
+source, triton version and compile key, so a re-run recompiles only what changed. Each row
+carries its ``key`` (the same, minus machine paths): ``--reuse bench/results/compile_report.csv``
+takes the committed results for the compiles whose key is listed there (same kernel source,
+triton version and inputs), compiles the rest, and ``--verify N`` compiles N of the reused ones
+again and flags any that differ (``origin`` says which way each row came).
 """
 
 from __future__ import annotations
@@ -53,10 +60,13 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_ARCHS = (80, 90, 100)
+DEFAULT_ARCHS = (80, 90)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (x / weight / bias dtype, adapters' dtype)
-DTYPE_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")]
+# (x / weight / bias dtype, adapters' dtype): same dtype, and 16-bit bases with fp32 adapters (PEFT's
+# default on a half-precision model)
+DTYPE_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp32")]
+# every pair the op accepts on the Triton path (x/weight/bias share a dtype; the adapters may differ)
+ALL_PAIRS = [(d, a) for d in ("fp32", "fp16", "bf16") for a in ("fp32", "fp16", "bf16")]
 BENCH_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (8192, 28672)]
 BENCH_TOKENS = (1, 16, 64, 256, 4096, 16384)
 BENCH_RANKS = (8, 16, 64, 256)
@@ -65,6 +75,10 @@ FLAG_SETS = [(0, 0, 1, 0), (0, 1, 0, 1), (1, 1, 1, 0), (1, 0, 0, 1)]
 COVER_SHAPES = [(4096, 4096), (1000, 520)]
 COVER_TOKENS = (2, 17, 32, 33, 48, 63, 65, 127, 128, 129, 16383, 16385)
 COVER_RANKS = (1, 16, 17, 32, 33, 64, 65)
+# every dtype pair × tf32 on and off (``torch.backends.cuda.matmul.allow_tf32`` picks the dots'
+# precision), at one token count per tile bucket and one rank per rank-chunk bucket
+EDGE_TOKENS = (1, 17, 33, 64, 128, 16384)
+EDGE_RANKS = (1, 17)
 QUICK = {"shapes": [(4096, 4096)], "tokens": (1, 64, 4096), "ranks": (16,),
          "dtypes": [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")], "flags": [(0, 0, 1, 0), (1, 1, 1, 0)],
          "cover": False}
@@ -74,7 +88,10 @@ SEED = 1234567  # a typical dropout seed: neither 1 nor a multiple of 16
 
 COLUMNS = ["kernel", "config", "dtype", "arch", "registers", "spill_bytes", "shared_bytes", "shared_limit", "mma",
            "mma_all", "num_warps", "num_stages", "specialization", "uses", "example", "source", "status",
-           "stack_bytes", "ptxas_spill", "compile_s"]
+           "stack_bytes", "ptxas_spill", "compile_s", "key", "origin"]
+# what a compile gives (the rest of a row comes from the job)
+RESULT_FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "mma_all", "stack_bytes", "ptxas_spill",
+                 "compile_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,28 +126,6 @@ def tools_available() -> bool:
     return tool("ptxas") is not None and tool("cuobjdump") is not None
 
 
-def arch_supported(arch: int) -> bool:
-    """Whether this triton can target sm_<arch> (compiles a one-line kernel)."""
-    try:
-        _compile_probe(arch)
-        return True
-    except Exception:
-        return False
-
-
-def _compile_probe(arch):
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    @triton.jit
-    def _probe(p):
-        tl.store(p, 1.0)
-
-    triton.compile(ASTSource(_probe, {"p": "*fp32"}, {}, {}), target=GPUTarget("cuda", arch, 32))
-
-
 # ---------------------------------------------------------------------------------------------
 # the launches the launchers choose (meta tensors)
 
@@ -147,13 +142,14 @@ class Case:
     need_dx: int
     exact: int
     source: str
+    tf32: int = 0
 
     @property
     def label(self):
         d = self.dtype if self.adapter == self.dtype else f"{self.dtype}+{self.adapter}"
         return (f"{self.in_f}->{self.out_f} N={self.tokens} r={self.r} {d}"
                 f"{' drop' if self.dropout else ''}{' bias' if self.bias else ''}"
-                f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}")
+                f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}{' tf32' if self.tf32 else ''}")
 
 
 def cases(quick: bool = False) -> list:
@@ -179,17 +175,19 @@ def cases(quick: bool = False) -> list:
                 for d, a in DTYPE_PAIRS:
                     for fl in FLAG_SETS:
                         out.append(Case(fi, fo, n, r, d, a, *fl, "coverage"))
+    for (fi, fo) in COVER_SHAPES:
+        for n in EDGE_TOKENS:
+            for r in EDGE_RANKS:
+                for d, a in ALL_PAIRS:
+                    for fl in FLAG_SETS:
+                        for tf32 in (0, 1):
+                            out.append(Case(fi, fo, n, r, d, a, *fl, "coverage", tf32))
     return out
 
 
 def record(case: Case, arch: int) -> list:
     """The ``Launch`` records (kernel + actual arguments) of one training step and one eval
     forward of the fused op for ``case``, planned for sm_<arch>."""
-    import dora_kernels
-    from dora_kernels import _launch
-
-    from bench.trace import OpCounter
-
     dt, adt = DTYPES[case.dtype], DTYPES[case.adapter]
     dev = "meta"
     x = torch.empty((case.tokens, case.in_f), device=dev, dtype=dt, requires_grad=bool(case.need_dx))
@@ -200,6 +198,22 @@ def record(case: Case, arch: int) -> list:
     bias = torch.empty((case.out_f,), device=dev, dtype=dt) if case.bias else None
     p = 0.1 if case.dropout else 0.0
     launches = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(case.tf32)
+    try:
+        _record(case, arch, x, w, A, B, m, bias, p, launches)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return launches
+
+
+def _record(case, arch, x, w, A, B, m, bias, p, launches):
+    import dora_kernels
+    from dora_kernels import _launch
+
+    from bench.trace import OpCounter
+
+    dev = x.device
     with _launch.trace_target((arch // 10, arch % 10), SMS.get(arch, 132)), _launch.recording(launches.append), \
             OpCounter([]):
         y = dora_kernels.dora_linear(x, w, A, B, m, 2.0, bias, dropout_p=p, training=True,
@@ -210,7 +224,6 @@ def record(case: Case, arch: int) -> list:
             dora_kernels.dora_linear(x, w, A, B, m, 2.0, bias, dropout_p=p, training=False)
         if p:
             dora_kernels.dropout_mask(SEED, (case.tokens, case.in_f), p, device=dev)
-    return launches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,28 +420,6 @@ def _collect_worker(arch, quick):
     return arch, collect_arch(arch, quick)
 
 
-def smoke_jobs(archs=(80, 90)) -> dict:
-    """A cheap subset for the test suite: per arch, every kernel at the 4096-token bf16 config
-    (the benchmark's main case: the largest tiles), the bf16 64-token GEMM tiles (BLOCK_N = 64,
-    4 warps: the smallest tile that must still reach wgmma on sm_90), and the fp32 forward GEMM."""
-    picks = [(Case(4096, 4096, 4096, 16, "bf16", "bf16", 0, 0, 1, 0, "bench"), None),
-             (Case(4096, 4096, 64, 16, "bf16", "bf16", 0, 0, 1, 0, "bench"), GEMM_KERNELS),
-             (Case(4096, 4096, 4096, 16, "fp32", "fp32", 0, 0, 1, 0, "bench"), ("_fwd_kernel",))]
-    jobs = {}
-    for arch in archs:
-        for c, only in picks:
-            for lc in record(c, arch):
-                if only is not None and lc.name not in only:
-                    continue
-                job = specialise(lc, arch)
-                k = job_key(job)
-                if k not in jobs:
-                    job.update(dtype=c.dtype, example=c.label, source="smoke", uses=0)
-                    jobs[k] = job
-                jobs[k]["uses"] += 1
-    return jobs
-
-
 def collect(archs, quick=False, *, n_jobs=1, log=print):
     """{job key: job} for every distinct compile over ``cases(quick)`` and ``archs``."""
     t0 = time.perf_counter()
@@ -446,21 +437,76 @@ def collect(archs, quick=False, *, n_jobs=1, log=print):
     return jobs
 
 
-def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, log=print) -> list:
-    """Compile every job (cached); return report rows sorted by kernel, arch, dtype, config."""
+def report_key(job) -> str:
+    """The job's key across machines: kernel source, triton version and compile inputs (the
+    options' library paths reduced to file names)."""
+    import triton
+
+    opts = dict(job["options"])
+    if opts.get("extern_libs"):
+        opts["extern_libs"] = [[name, os.path.basename(str(path))] for name, path in opts["extern_libs"]]
+    sig = {k: job[k] for k in ("kernel", "arch", "signature", "constexprs", "attrs")}
+    sig.update(options=opts, src=job["src"], triton=triton.__version__)
+    return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def load_report(path) -> dict:
+    """{report key: compile result} of the rows of a ``compile_report.csv`` (for ``reuse``)."""
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("key"):
+                continue
+            res = {k: row.get(k, "") for k in RESULT_FIELDS}
+            for k in ("registers", "spill_bytes", "shared_bytes", "stack_bytes"):
+                res[k] = int(res[k]) if res[k] not in ("", None) else ""
+            failed = row["status"].startswith(("compile error", "worker", "cuobjdump"))
+            res["status"] = row["status"] if failed else "ok"
+            out[row["key"]] = res
+    return out
+
+
+def _verify_picks(keys, n):
+    """``n`` of the reused keys, spread over them (deterministic)."""
+    keys = sorted(keys)
+    if n <= 0 or not keys:
+        return []
+    step = max(1, len(keys) // n)
+    return keys[::step][:n]
+
+
+def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, reuse=None, verify=0, log=print) -> list:
+    """Compile every job; return report rows sorted by kernel, arch, dtype, config.
+
+    A job is taken from the local cache (``cache``), else from ``reuse`` ({report key: result},
+    see ``load_report``: an earlier report of the same kernel source and triton version), else
+    compiled. ``verify`` of the reused ones are compiled again, and a result that differs from the
+    report's marks the row ``report mismatch``."""
     from dora_kernels import heuristics as H
 
     cdir = _cache_dir()
     os.makedirs(cdir, exist_ok=True)
-    results, todo = {}, []
+    results, origin, todo, reused = {}, {}, [], {}
+    rkeys = {k: report_key(job) for k, job in jobs.items()}
     for k, job in jobs.items():
         path = os.path.join(cdir, _versioned_key(job, job["src"]) + ".json")
         if cache and os.path.exists(path):
             with open(path) as f:
                 results[k] = json.load(f)
+            origin[k] = "cached"
+        elif reuse and rkeys[k] in reuse:
+            results[k] = dict(reuse[rkeys[k]])
+            origin[k] = "reused"
+            reused[rkeys[k]] = k
         else:
             todo.append((k, job, path))
-    log(f"  {len(jobs)} distinct compiles: {len(results)} cached, {len(todo)} to compile on {n_jobs} processes")
+            origin[k] = "compiled"
+    checks = {reused[rk]: results[reused[rk]] for rk in _verify_picks(reused, verify)}
+    for k in checks:
+        todo.append((k, jobs[k], os.path.join(cdir, _versioned_key(jobs[k], jobs[k]["src"]) + ".json")))
+    log(f"  {len(jobs)} distinct compiles: {sum(v == 'cached' for v in origin.values())} cached, {len(reused)} "
+        f"reused from a report ({len(checks)} of them compiled again to check), "
+        f"{len(todo) - len(checks)} to compile, on {n_jobs} processes")
     t0 = time.perf_counter()
     if todo:
         ctx = mp.get_context("spawn")
@@ -472,6 +518,14 @@ def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, log=print) -> list:
                     res = fut.result()
                 except Exception as e:
                     res = {"status": f"worker error: {type(e).__name__}: {e}"}
+                if k in checks:
+                    want = checks[k]
+                    diff = [f"{f} {want.get(f)!r} in the report, {res.get(f)!r} now"
+                            for f in ("registers", "spill_bytes", "shared_bytes", "mma", "status")
+                            if want.get(f, "") != res.get(f, "")]
+                    if diff:
+                        res = dict(res, status="report mismatch: " + "; ".join(diff))
+                    origin[k] = "reused+checked"
                 results[k] = res
                 if res.get("status") == "ok":
                     with open(path, "w") as f:
@@ -484,13 +538,10 @@ def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, log=print) -> list:
         arch = job["arch"]
         limit = H.shared_limit((arch // 10, arch % 10))
         row = {"kernel": job["kernel"], "config": job["config"], "dtype": job["dtype"], "arch": f"sm_{arch}",
-               "registers": res.get("registers", ""), "spill_bytes": res.get("spill_bytes", ""),
-               "shared_bytes": res.get("shared_bytes", ""), "shared_limit": limit, "mma": res.get("mma", ""),
-               "mma_all": res.get("mma_all", ""), "num_warps": job["num_warps"], "num_stages": job["num_stages"],
+               "shared_limit": limit, "num_warps": job["num_warps"], "num_stages": job["num_stages"],
                "specialization": job["specialization"], "uses": job["uses"], "example": job["example"],
-               "source": job["source"], "status": res.get("status", ""), "stack_bytes": res.get("stack_bytes", ""),
-               "ptxas_spill": res.get("ptxas_spill", ""),
-               "compile_s": res.get("compile_s", "")}
+               "source": job["source"], "status": res.get("status", ""), "key": rkeys[k], "origin": origin[k]}
+        row.update({f: res.get(f, "") for f in RESULT_FIELDS})
         row["status"] = "; ".join(problems(row)) or row["status"]
         rows.append(row)
     rows.sort(key=lambda r: (r["kernel"], r["arch"], r["dtype"], r["config"], r["specialization"]))
@@ -537,7 +588,10 @@ def write(rows, out_dir, *, argv=(), elapsed=None, n_jobs=2):
     md = ["# Compile report", "",
           f"`python -m bench.compile_report {' '.join(_rel(a) for a in argv)}` — triton {triton.__version__}, torch "
           f"{torch.__version__}, compiled ahead of time (no GPU)"
-          + (f", {elapsed:.0f} s on {n_jobs} processes" if elapsed else "") + ".", "",
+          + (f", {elapsed:.0f} s on {n_jobs} processes" if elapsed else "")
+          + f" ({sum(float(r['compile_s'] or 0) for r in rows):.0f} s of compiling in all; `origin` says which rows "
+          "were compiled in this run, cached from an earlier run on this machine, or reused from a committed report).",
+          "",
           "One row per distinct compile (kernel, arch, JIT specialisation, constexprs, warps, stages). "
           "`spill_bytes` is ptxas's spill stores where cuobjdump's STACK is not 0 (else 0); `shared_limit` is `heuristics.SHARED_LIMIT`; `mma` the best "
           "tensor-core instruction in the PTX; `uses` how many launches of the traced cases compile to it; "
@@ -590,12 +644,15 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join("bench", "results"))
-    ap.add_argument("--arch", default=None, help="comma-separated compute capabilities (default 80,90 and 100 "
-                                                  "where this triton targets it)")
+    ap.add_argument("--arch", default=None, help="comma-separated compute capabilities (default 80,90; e.g. "
+                                                  "80,90,100 where this triton targets sm_100)")
     ap.add_argument("--quick", action="store_true", help="one shape, three token counts, r=16, fp32/bf16")
     ap.add_argument("--jobs", type=int, default=2, help="compiling processes (default 2)")
     ap.add_argument("--no-cache", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="the test suite's cheap subset (a few configs per kernel)")
+    ap.add_argument("--reuse", metavar="CSV", help="take the results of an earlier compile_report.csv for the compiles "
+                                                    "whose key (kernel source, triton version, inputs) it lists")
+    ap.add_argument("--verify", type=int, default=0, metavar="N",
+                    help="compile N of the reused rows again and flag any that differ from the report")
     args = ap.parse_args(argv)
     # The report compiles the kernels, so they must be JIT functions, not the interpreter's.
     if "dora_kernels.kernels" not in sys.modules:
@@ -612,11 +669,12 @@ def main(argv=None) -> int:
     if args.arch:
         archs = [int(a) for a in args.arch.split(",") if a]
     else:
-        archs = [a for a in DEFAULT_ARCHS if a < 100 or arch_supported(a)]
+        archs = list(DEFAULT_ARCHS)
     print(f"compile report for sm_{', sm_'.join(map(str, archs))}"
-          f"{' (quick)' if args.quick else ''}{' (smoke subset)' if args.smoke else ''}")
-    jobs = smoke_jobs(archs) if args.smoke else collect(archs, args.quick, n_jobs=args.jobs)
-    rows = compile_all(jobs, args.jobs, cache=not args.no_cache)
+          f"{' (quick)' if args.quick else ''}")
+    jobs = collect(archs, args.quick, n_jobs=args.jobs)
+    reuse = load_report(args.reuse) if args.reuse and os.path.exists(args.reuse) else None
+    rows = compile_all(jobs, args.jobs, cache=not args.no_cache, reuse=reuse, verify=args.verify)
     elapsed = time.perf_counter() - t0
     bad = write(rows, args.out, argv=argv, elapsed=elapsed, n_jobs=args.jobs)
     print(f"{len(rows)} compiles, {len(bad)} flagged; wrote {args.out}/compile_report.csv and .md "

@@ -9,8 +9,10 @@ wherever they enter arithmetic; GEMM operands stay in their storage dtype so the
 cores see bf16/fp16, except under the interpreter (``UPCAST``), whose bf16 arithmetic is
 wrong. ``LORA_F32`` runs the rank-r products in fp32 (adapters wider than x, or fp32 x).
 Reductions over tokens write per-program fp32 partials that a second kernel sums:
-deterministic, no atomics. The rank R is never specialised: Triton's JIT would make R = 1 a
-constant, and that variant of the dropout ``_dx_kernel`` crashes the compiler (3.9).
+deterministic, no atomics. Arguments that only bound loops or address the small operands
+(tokens N, rank R, B's row stride, the dropout seed, partial counts) are not specialised by the
+JIT, so a layer compiles once whatever the batch size, rank or seed (R = 1 as a constant also
+crashed the compiler in the dropout ``_dx_kernel``, triton 3.9).
 """
 
 import os
@@ -66,7 +68,7 @@ def _keep_mask(seed, o_n, o_k, K, p):
     return tl.rand(seed, offs) >= p
 
 
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["R", "stride_bm", "stride_wan"])
 def _norm_kernel(
     n_ptr,  # out (M,) fp32: ‖W0 + s·B·A‖ per row
     wa_ptr, stride_wan,  # out (M, R) fp32: W0·Aᵀ (only with WITH_WA: the exact norm gradient needs it)
@@ -110,7 +112,7 @@ def _norm_kernel(
     tl.store(n_ptr + o_m, tl.sqrt(b_sq), mask=m_m)
 
 
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["N", "R", "seed"])
 def _xa_kernel(
     xa_ptr,  # out (N, R), contiguous: x̃·Aᵀ (fp32, or the adapters' 16-bit dtype)
     x_ptr, stride_xn, stride_xk,  # x: token, column
@@ -147,7 +149,7 @@ def _xa_kernel(
     tl.store(xa_ptr + o_n[:, None] * R + o_r[None, :], _rounded(b_acc, xa_ptr), mask=m_n[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["N", "R", "seed", "stride_bm"])
 def _fwd_kernel(
     y_ptr, stride_yn, stride_ym,  # out (N, M): y
     u_ptr, stride_un, stride_um,  # out (N, M): u = x̃·W0ᵀ + s·x̃·Aᵀ·Bᵀ, what dm needs (only with STORE_U)
@@ -233,7 +235,7 @@ def _fwd_kernel(
                  _rounded(b_y, y_ptr), mask=m_n[:, None] & m_m[None, :])
 
 
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["N", "R", "stride_bm"])
 def _bwd_g_kernel(
     gb_ptr,  # out (S, N, R) fp32: per column split, (G ⊙ g)·B
     dm_ptr,  # out (T, M) fp32: per token group, Σ_tokens G ⊙ u
@@ -297,7 +299,7 @@ def _bwd_g_kernel(
         tl.store(gb_ptr + (pid_s * N + o_n[:, None]) * R + o_r[None, :], b_gb, mask=m_n[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["R"])
+@triton.jit(do_not_specialize=["N", "R", "S", "seed"])
 def _dx_kernel(
     dx_ptr, stride_dxn, stride_dxk,  # out (N, K): dx
     da_ptr,  # out (T, R, K) fp32: per token block, gbᵀ·(x ⊙ keep)

@@ -138,10 +138,11 @@ def _xa(x, lora_A, p, seed, inv_keep):
     if N == 0:
         return xa
     arch, _ = target(x)
-    cfg = H.xa_config(N, K, R, x.dtype, arch)
+    split = _split(x.dtype) and lora_A.dtype != x.dtype
+    lora_f32 = _lora_f32(x.dtype, lora_A.dtype)
+    cfg = H.xa_config(N, K, R, x.dtype, arch, fp32_dots=lora_f32 and not split)
     meta = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages")}
-    meta.update(HAS_DROPOUT=p > 0, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype),
-                LORA_F32=_lora_f32(x.dtype, lora_A.dtype), SPLIT=_split(x.dtype) and lora_A.dtype != x.dtype,
+    meta.update(HAS_DROPOUT=p > 0, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype), LORA_F32=lora_f32, SPLIT=split,
                 PREC=_prec())
     launch(K_._xa_kernel, (triton_cdiv(N, cfg["BLOCK_N"]), triton_cdiv(R, cfg["BLOCK_R"])),
            (xa, x, *x.stride(), lora_A, *lora_A.stride(), N, K, R, float(p), int(seed), float(inv_keep)), meta,

@@ -1,17 +1,29 @@
-"""The kernels compile, without a GPU, to code that neither spills nor overflows shared memory,
-and their 16-bit GEMM tiles reach wgmma on sm_90.
+"""Every kernel, in every config its launchers can choose, compiles for sm_80 and sm_90 without a
+GPU to code that neither spills registers nor overflows shared memory, and its 16-bit GEMM tiles
+reach wgmma on sm_90.
 
-Runs ``python -m bench.compile_report --smoke`` (a few configs per kernel: the benchmark's main
-4096-token bf16 case for every kernel, the 64-token bf16 GEMM tiles and the fp32 forward GEMM, for
-sm_80 and sm_90) in a fresh process — the kernels must be JIT functions there, while this
-test session interprets them — and holds each compile to the report's own rules
-(``bench.compile_report.problems``). Skipped when the wheel's ptxas / cuobjdump are missing.
+Runs ``python -m bench.compile_report --arch 80,90`` in a fresh process (the kernels must be JIT
+functions there, while this test session interprets them): the launchers run on meta tensors
+over the benchmark's shapes and a sweep of every bucket edge of the heuristics (tokens, ranks,
+every dtype pair the op accepts, tf32 on and off, dropout/bias/dx/exact-norm flags), and every
+distinct compile is built with the wheel's ptxas. Each row is held to the report's own rules
+(``bench.compile_report.problems``). ``test_random_shapes_choose_compiled_configs`` checks that
+the sweep is complete: the launchers, on random shapes, choose only configs it compiled.
+
+Compiling all of them takes about half an hour on 2 cores, so results are memoised by kernel
+source, triton version and compile inputs: in ``~/.cache/dora_kernels/compile_report`` (this
+machine's compiles) and in the committed ``bench/results/compile_report.csv`` (its ``key``
+column), which ``python -m bench.compile_report --arch 80,90`` regenerates. A compile found in
+neither is compiled here, so a changed kernel is always compiled and checked; of the results
+taken from the committed report, ``VERIFY`` are compiled again on every run and must match.
+Skipped when the wheel's ptxas / cuobjdump are missing.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import random
 import subprocess
 import sys
 
@@ -21,6 +33,9 @@ import torch
 from bench import compile_report as CR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCHS = (80, 90)
+REPORT = os.path.join(ROOT, "bench", "results", "compile_report.csv")
+VERIFY = 24  # reused rows compiled again on every run
 
 pytestmark = pytest.mark.skipif(not CR.tools_available(), reason="ptxas / cuobjdump not available")
 
@@ -29,8 +44,10 @@ pytestmark = pytest.mark.skipif(not CR.tools_available(), reason="ptxas / cuobjd
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_report")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "bench.compile_report", "--smoke", "--arch", "80,90", "--no-cache",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_report", "--arch", ",".join(map(str, ARCHS)),
+                           "--jobs", str(max(2, min(8, os.cpu_count() or 2))), "--reuse", REPORT,
+                           "--verify", str(VERIFY), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "compile_report.csv") as f:
         got = list(csv.DictReader(f))
@@ -46,9 +63,13 @@ def _id(r):
 
 def test_every_kernel_and_arch_compiled(rows):
     kernels = {r["kernel"] for r in rows}
-    assert {"_norm_kernel", "_xa_kernel", "_fwd_kernel", "_bwd_g_kernel", "_dx_kernel"} <= kernels, kernels
-    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
-    bad = [f"{_id(r)}: {r['status']}" for r in rows if r["status"].startswith(("compile error", "worker", "cuobjdump"))]
+    assert {"_norm_kernel", "_xa_kernel", "_fwd_kernel", "_bwd_g_kernel", "_dx_kernel", "_finalize_kernel",
+            "_mask_kernel"} <= kernels, kernels
+    assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}
+    assert {r["dtype"] for r in rows} >= {f"{d}+{a}" if d != a else d for d, a in CR.ALL_PAIRS}
+    assert any("PREC=tf32 " in r["config"] for r in rows) and any("PREC=tf32x3" in r["config"] for r in rows)
+    bad = [f"{_id(r)}: {r['status']}" for r in rows
+           if r["status"].startswith(("compile error", "worker", "cuobjdump", "report mismatch"))]
     assert not bad, "\n".join(bad)
     assert all(r["registers"] != "" and r["shared_bytes"] != "" for r in rows)
 
@@ -70,6 +91,41 @@ def test_16bit_gemm_tiles_use_wgmma_on_sm90(rows):
     assert gemm, "no bf16 GEMM tile in the subset"
     bad = [f"{_id(r)}: {r['mma_all']}" for r in gemm if r["mma"] != "wgmma"]
     assert not bad, "\n".join(bad)
+
+
+def test_reused_results_are_checked(rows):
+    """Rows taken from the committed report (same kernel source, triton version and compile
+    inputs) are spot-checked by compiling some of them again; none may differ."""
+    origins = {r["origin"] for r in rows}
+    assert origins <= {"compiled", "cached", "reused", "reused+checked"}, origins
+    reused = [r for r in rows if r["origin"].startswith("reused")]
+    if reused:
+        assert sum(r["origin"] == "reused+checked" for r in reused) == min(VERIFY, len(reused))
+    bad = [f"{_id(r)}: {r['status']}" for r in rows if r["status"].startswith("report mismatch")]
+    assert not bad, "\n".join(bad)
+
+
+def _config_key(job):
+    return job["kernel"], f"sm_{job['arch']}", job["config"]
+
+
+def test_random_shapes_choose_compiled_configs(rows):
+    """The sweep reaches every config the launchers choose: random layers (tokens 1–20000, odd
+    dims, r 1–256, any dtype pair, flags, tf32) pick only (kernel, arch, config)s it compiled."""
+    compiled = {(r["kernel"], r["arch"], r["config"]) for r in rows}
+    rng = random.Random(20261125)
+    missing = []
+    for _ in range(60):
+        d, a = rng.choice(CR.ALL_PAIRS)
+        case = CR.Case(rng.choice([rng.randrange(16, 9000), 4096, 14336]), rng.choice([rng.randrange(16, 9000), 1024]),
+                       rng.choice([rng.randrange(1, 200), rng.randrange(1, 20000)]), rng.randrange(1, 257), d, a,
+                       *rng.choice(CR.FLAG_SETS), "random", rng.randrange(2))
+        for arch in ARCHS:
+            for lc in CR.record(case, arch):
+                key = _config_key(CR.specialise(lc, arch))
+                if key not in compiled:
+                    missing.append(f"{case.label}: {key}")
+    assert not missing, "configs the sweep missed:\n" + "\n".join(sorted(set(missing))[:20])
 
 
 def test_rules_flag_what_they_should():
