@@ -644,13 +644,15 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join("bench", "results"))
-    ap.add_argument("--arch", default=None, help="comma-separated compute capabilities (default 80,90; e.g. "
-                                                  "80,90,100 where this triton targets sm_100)")
+    ap.add_argument("--arch", default=None,
+                    help="comma-separated compute capabilities (default 80,90; e.g. 80,90,100 where this triton "
+                         "targets sm_100)")
     ap.add_argument("--quick", action="store_true", help="one shape, three token counts, r=16, fp32/bf16")
     ap.add_argument("--jobs", type=int, default=2, help="compiling processes (default 2)")
     ap.add_argument("--no-cache", action="store_true")
-    ap.add_argument("--reuse", metavar="CSV", help="take the results of an earlier compile_report.csv for the compiles "
-                                                    "whose key (kernel source, triton version, inputs) it lists")
+    ap.add_argument("--reuse", metavar="CSV",
+                    help="take the results of an earlier compile_report.csv for the compiles whose key (kernel "
+                         "source, triton version, inputs) it lists")
     ap.add_argument("--verify", type=int, default=0, metavar="N",
                     help="compile N of the reused rows again and flag any that differ from the report")
     args = ap.parse_args(argv)

@@ -37,6 +37,7 @@ import torch
 SHARED_LIMIT = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024,
                 (9, 0): 227 * 1024, (10, 0): 227 * 1024, (12, 0): 99 * 1024}
 
+
 def shared_limit(arch) -> int:
     if arch is None:
         return 227 * 1024

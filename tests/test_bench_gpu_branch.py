@@ -119,10 +119,17 @@ def test_gpu_run_completes_with_gpu_columns(fake_cuda, tmp_path):
     assert {r["device"] for r in rows} == {"NVIDIA H100 80GB HBM3 (stand-in)"}
 
 
-def test_gpu_model_figure_completes(fake_cuda, tmp_path):
+def test_gpu_model_figure_completes(fake_cuda, tmp_path, monkeypatch):
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
+    import dataclasses
+
+    from bench import model as M
     from bench.run import main
+
+    # a smaller "tiny" (the interpreter runs the fused layers here)
+    tiny = dataclasses.replace(M.PRESETS["tiny"], hidden=64, intermediate=96, layers=1, vocab=128, seq=16, r=4)
+    monkeypatch.setitem(M.PRESETS, "tiny", tiny)
 
     rc = main(["--device", "cuda", "--model", "--model-preset", "tiny", "--dtypes", "fp32", "--no-plot",
                "--warmup-ms", "0", "--rep-ms", "0", "--out", str(tmp_path)])

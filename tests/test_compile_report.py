@@ -22,8 +22,8 @@ Skipped when the wheel's ptxas / cuobjdump are missing.
 from __future__ import annotations
 
 import csv
+import json
 import os
-import random
 import subprocess
 import sys
 
@@ -105,27 +105,38 @@ def test_reused_results_are_checked(rows):
     assert not bad, "\n".join(bad)
 
 
-def _config_key(job):
-    return job["kernel"], f"sm_{job['arch']}", job["config"]
+_RANDOM_CONFIGS = """
+import json, random, sys
+from bench import compile_report as CR
+rng = random.Random(int(sys.argv[1]))
+archs = [int(a) for a in sys.argv[2].split(",")]
+out = []
+for _ in range(int(sys.argv[3])):
+    d, a = rng.choice(CR.ALL_PAIRS)
+    case = CR.Case(rng.choice([rng.randrange(16, 9000), 4096, 14336]), rng.choice([rng.randrange(16, 9000), 1024]),
+                   rng.choice([rng.randrange(1, 200), rng.randrange(1, 20000)]), rng.randrange(1, 257), d, a,
+                   *rng.choice(CR.FLAG_SETS), "random", rng.randrange(2))
+    for arch in archs:
+        for lc in CR.record(case, arch):
+            job = CR.specialise(lc, arch)
+            out.append([case.label, job["kernel"], f"sm_{arch}", job["config"]])
+print(json.dumps(out))
+"""
 
 
 def test_random_shapes_choose_compiled_configs(rows):
     """The sweep reaches every config the launchers choose: random layers (tokens 1–20000, odd
-    dims, r 1–256, any dtype pair, flags, tf32) pick only (kernel, arch, config)s it compiled."""
+    dims, r 1–256, any dtype pair, flags, tf32) pick only (kernel, arch, config)s it compiled.
+    (The launchers run in a fresh process, where the kernels are JIT functions.)"""
     compiled = {(r["kernel"], r["arch"], r["config"]) for r in rows}
-    rng = random.Random(20261125)
-    missing = []
-    for _ in range(60):
-        d, a = rng.choice(CR.ALL_PAIRS)
-        case = CR.Case(rng.choice([rng.randrange(16, 9000), 4096, 14336]), rng.choice([rng.randrange(16, 9000), 1024]),
-                       rng.choice([rng.randrange(1, 200), rng.randrange(1, 20000)]), rng.randrange(1, 257), d, a,
-                       *rng.choice(CR.FLAG_SETS), "random", rng.randrange(2))
-        for arch in ARCHS:
-            for lc in CR.record(case, arch):
-                key = _config_key(CR.specialise(lc, arch))
-                if key not in compiled:
-                    missing.append(f"{case.label}: {key}")
-    assert not missing, "configs the sweep missed:\n" + "\n".join(sorted(set(missing))[:20])
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", _RANDOM_CONFIGS, "20261125", ",".join(map(str, ARCHS)), "60"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(chosen) > 60 * len(ARCHS) * 4
+    missing = sorted({f"{key}: e.g. {label}" for label, *k in chosen if (key := tuple(k)) not in compiled})
+    assert not missing, "configs the sweep missed:\n" + "\n".join(missing[:20])
 
 
 def test_rules_flag_what_they_should():
