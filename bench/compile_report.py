@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import csv
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -265,6 +266,7 @@ def specialise(launch, arch: int) -> dict:
             special.append(f"{names[path[0]]}%16")
     opt = {k: v for k, v in options.__dict__.items()}
     return {"kernel": kernel.__name__, "module": kernel.fn.__module__, "arch": arch, "src": kernel.cache_key,
+            "file": _file_hash(kernel),
             "signature": signature, "constexprs": [[list(k), _plain(v)] for k, v in constexprs.items()],
             "attrs": [[list(k), v] for k, v in attrs.items()], "options": _plain(opt),
             "num_warps": options.num_warps, "num_stages": options.num_stages,
@@ -303,6 +305,21 @@ def _tuple_keys(pairs):
     return {tuple(k): _tuplify(v) for k, v in pairs}
 
 
+def _file_hash(kernel) -> str:
+    """The kernel's source file, hashed: a worker compiles what the launches were recorded
+    against. (Not the JIT's ``cache_key``: triton 3.6's differs between processes.)"""
+    import inspect
+
+    path = inspect.getsourcefile(kernel.fn)
+    return _hash_file(path, os.stat(path).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _hash_file(path, mtime_ns):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def compile_job(job: dict) -> dict:
     """Compile one specialised launch for its arch; registers, spills, shared memory, mma."""
     import importlib
@@ -312,7 +329,7 @@ def compile_job(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
-    if job.get("src") and kernel.cache_key != job["src"]:
+    if job.get("file") and _file_hash(kernel) != job["file"]:
         return {"status": "stale: the kernel's source changed after its launches were recorded; run again"}
     constexprs = _tuple_keys(job["constexprs"])
     attrs = {tuple(k): v for k, v in job["attrs"]}
