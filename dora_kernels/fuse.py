@@ -14,10 +14,11 @@ adapter and it is neither merged nor disabled: one call of the fused op gives
 ``lora_dropout`` is an active ``nn.Dropout``). Further active adapters are then applied with
 PEFT's own arithmetic, on the running result, as PEFT does. In every other case (merged,
 ``disable_adapter()``, ``adapter_names=``, a plain LoRA adapter first, extra positional
-arguments, hooks on the base layer, an unfrozen base weight, mismatched dtypes or devices,
-PEFT's DoRA caching (``peft.helpers.DoraCaching``) in eval mode) the layer runs PEFT's own
-``forward``, which fills and reads PEFT's caches; an uncached fused call clears them as
-PEFT's does.
+arguments, hooks on the base layer, an unfrozen base weight, mismatched dtypes or devices)
+the layer runs PEFT's own ``forward``. PEFT's DoRA caching (``peft.helpers.DoraCaching``, eval
+mode) is kept with PEFT's semantics: the fused op's fp32 norm is stored in the DoRA layer's
+``_dora_cache`` on the first cached call and reused until PEFT clears the cache (``train()``, or
+an uncached call, which clears it as PEFT's does).
 
 Layers the op cannot serve (DoRA on Embedding, Conv, a quantised or otherwise custom base
 layer) are left alone; ``fuse`` warns about them and ``fuse_report(model)`` lists them.
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from .modules import DoRALinear
-from .ops import dora_linear
+from .ops import dora_linear, weight_norm
 
 __all__ = ["FuseReport", "fuse", "fuse_report", "fused_layers", "unfuse"]
 
@@ -146,8 +147,6 @@ def _fused_args(module, x, args, kwargs):
         return None
     if name not in module.lora_magnitude_vector:
         return None
-    if _peft_dora_caching(module.lora_magnitude_vector[name]):
-        return None  # peft.helpers.DoraCaching in eval: PEFT's path fills and reads its caches
     p = _dropout_p(module, module.lora_dropout[name])
     if p is None:
         return None
@@ -176,16 +175,32 @@ def _fused_args(module, x, args, kwargs):
     return name, active[1:], (x, weight, A, B, m, module.scaling[name], bias, p)
 
 
+def _cached_norm(dora_layer, name, weight, A, B, scaling):
+    """The fp32 norm kept in PEFT's DoRA cache (``DoraCaching`` on, eval mode), or None: PEFT's
+    rule (an uncached call clears the cache)."""
+    if not _peft_dora_caching(dora_layer):
+        if getattr(dora_layer, "_dora_cache", None):
+            dora_layer._cache_clear()
+        return None
+    if torch.is_autocast_enabled(weight.device.type):
+        return None  # the op takes the norm of the autocast copy of W0: not cached
+    key = f"dora_kernels-weight-norm-{name}"
+    norm = dora_layer._cache_get(key, None)
+    if norm is None:
+        with torch.no_grad():
+            norm = weight_norm(weight, A, B, scaling)[0]
+        dora_layer._cache_store(key, norm)
+    return norm
+
+
 def _forward(self, x, *args, **kwargs):
     """PEFT's ``lora.Linear.forward`` with the first active DoRA adapter fused (see module doc)."""
     plan = _fused_args(self, x, args, kwargs)
     if plan is None:
         return type(self)._dora_kernels_base.forward(self, x, *args, **kwargs)
     name, rest, (x, weight, A, B, m, scaling, bias, p) = plan
-    dora_layer = self.lora_magnitude_vector[name]
-    if getattr(dora_layer, "_dora_cache", None):
-        dora_layer._cache_clear()  # PEFT drops its DoRA cache on every uncached call
-    result = dora_linear(x, weight, A, B, m, scaling, bias, dropout_p=p, training=True)
+    norm = _cached_norm(self.lora_magnitude_vector[name], name, weight, A, B, scaling)
+    result = dora_linear(x, weight, A, B, m, scaling, bias, dropout_p=p, training=True, weight_norm=norm)
     if not rest:
         return result
     # Later adapters: PEFT's loop verbatim, on the running result (x cast as PEFT casts it).

@@ -624,11 +624,15 @@ def test_unfrozen_base_weight_takes_peft_path():
 
 
 def test_peft_dora_caching_is_honoured(monkeypatch):
-    """``peft.helpers.DoraCaching`` in eval: PEFT's path fills its caches; a later uncached call
-    (fused) clears them, as PEFT's does; train mode stays fused and uncached."""
+    """``peft.helpers.DoraCaching`` in eval: the fused op's norm goes into PEFT's DoRA cache on the
+    first call and is reused; an uncached call clears the caches, as PEFT's does; train mode
+    stays uncached. Outputs equal PEFT's throughout."""
     from peft.helpers import DoraCaching
 
     calls = count_fused_calls(monkeypatch)
+    norms = []
+    real_norm = FUSE.weight_norm
+    monkeypatch.setattr(FUSE, "weight_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
     model = dora_kernels.fuse(tiny_peft()).eval()
     ref = dora_kernels.unfuse(copy.deepcopy(model))
     caches = [model.get_submodule(n).lora_magnitude_vector["default"]._dora_cache for n in (LIN0, LIN1)]
@@ -637,13 +641,16 @@ def test_peft_dora_caching_is_honoured(monkeypatch):
     try:
         with DoraCaching():
             y = model(x)
-            assert not calls and all(caches)
+            assert len(calls) == 2 and len(norms) == 2 and all(caches)
+            y2 = model(x)
+            assert len(calls) == 4 and len(norms) == 2  # the cached norms, not new ones
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y2, y, rtol=0, atol=0)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
-        assert len(calls) == 2 and not any(caches)
+        assert len(calls) == 6 and len(norms) == 2 and not any(caches)
         model.train()
         with DoraCaching():
             model(x)
-            assert len(calls) == 4 and not any(caches)
+            assert len(calls) == 8 and len(norms) == 2 and not any(caches)
     finally:
         DoraCaching()(enabled=False)
