@@ -89,7 +89,7 @@ SEED = 1234567  # a typical dropout seed: neither 1 nor a multiple of 16
 
 COLUMNS = ["kernel", "config", "dtype", "arch", "registers", "spill_bytes", "shared_bytes", "shared_limit", "mma",
            "mma_all", "num_warps", "num_stages", "specialization", "uses", "example", "source", "status",
-           "stack_bytes", "ptxas_spill", "compile_s", "key", "origin"]
+           "stack_bytes", "ptxas_spill", "compile_s", "key", "origin", "types"]
 # what a compile gives (the rest of a row comes from the job)
 RESULT_FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "mma_all", "stack_bytes", "ptxas_spill",
                  "compile_s")
@@ -272,7 +272,8 @@ def specialise(launch, arch: int) -> dict:
             "num_warps": options.num_warps, "num_stages": options.num_stages,
             "config": " ".join(f"{p.name}={_short(bound[p.name])}" for p in kernel.params if p.is_constexpr)
             + f" w{options.num_warps} s{options.num_stages}",
-            "specialization": " ".join(special)}
+            "specialization": " ".join(special),
+            "types": " ".join(signature[p.name] for p in kernel.params if str(signature[p.name]).startswith("*"))}
 
 
 def _short(v):
@@ -414,7 +415,7 @@ def collect_arch(arch: int, quick: bool = False) -> dict:
             k = by_pre.get(pre)
             if k is None:
                 job = specialise(lc, arch)
-                cfg = (job["kernel"], job["config"], dlabel)
+                cfg = (job["kernel"], job["config"], job["types"])
                 k = job_key(job)
                 if c.source == "bench":
                     bench_cfgs.add(cfg)
@@ -463,8 +464,19 @@ def report_key(job) -> str:
     if opts.get("extern_libs"):
         opts["extern_libs"] = [[name, os.path.basename(str(path))] for name, path in opts["extern_libs"]]
     sig = {k: job[k] for k in ("kernel", "arch", "signature", "constexprs", "attrs")}
-    sig.update(options=opts, src=job["src"], triton=triton.__version__)
+    sig.update(options=opts, src=job["src"], triton=triton.__version__, ptxas=_ptxas_version(job["arch"]))
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=None)
+def _ptxas_version(arch) -> str:
+    """The version line of the ptxas that compiles sm_<arch> (``TRITON_PTXAS_PATH`` may change it)."""
+    try:
+        out = subprocess.run([_ptxas(arch), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError, TypeError):
+        return ""
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def load_report(path) -> dict:
@@ -475,24 +487,41 @@ def load_report(path) -> dict:
             if not row.get("key"):
                 continue
             res = {k: row.get(k, "") for k in RESULT_FIELDS}
+            if row["status"].startswith("compile error"):
+                res["status"] = row["status"]  # a compile that failed: fails again
+            elif row["status"] == "ok" or row["status"].startswith(("SPILL", "OVER SHARED", "NO WGMMA")):
+                if not all(str(res[k]).isdigit() for k in ("registers", "spill_bytes", "shared_bytes")):
+                    continue  # no numbers: compile it again
+                res["status"] = "ok"  # the row's problems are recomputed from its numbers
+            else:
+                continue  # stale, worker or tool errors: compile it again
             for k in ("registers", "spill_bytes", "shared_bytes", "stack_bytes"):
-                res[k] = int(res[k]) if res[k] not in ("", None) else ""
-            failed = row["status"].startswith(("compile error", "worker", "cuobjdump"))
-            res["status"] = row["status"] if failed else "ok"
+                res[k] = int(res[k]) if str(res[k]).isdigit() else ""
             out[row["key"]] = res
     return out
 
 
-def _verify_picks(keys, n):
-    """``n`` of the reused keys, spread over them (deterministic)."""
-    keys = sorted(keys)
-    if n <= 0 or not keys:
-        return []
-    step = max(1, len(keys) // n)
-    return keys[::step][:n]
+def _verify_picks(reused: dict, jobs: dict, n: int, seed: int) -> list:
+    """``n`` of the reused job keys, drawn with ``seed`` in turn from each (kernel, arch), so that
+    every kernel and arch is checked and different runs check different rows."""
+    import random
+
+    groups = {}
+    for rk, k in sorted(reused.items()):
+        groups.setdefault((jobs[k]["kernel"], jobs[k]["arch"]), []).append(k)
+    rng = random.Random(seed)
+    for g in groups.values():
+        rng.shuffle(g)
+    picks, order = [], sorted(groups)
+    while len(picks) < n and any(groups.values()):
+        for g in order:
+            if groups[g] and len(picks) < n:
+                picks.append(groups[g].pop())
+    return picks
 
 
-def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, reuse=None, verify=0, log=print) -> list:
+def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, reuse=None, verify=0, verify_seed=0,
+                log=print) -> list:
     """Compile every job; return report rows sorted by kernel, arch, dtype, config.
 
     A job is taken from the local cache (``cache``), else from ``reuse`` ({report key: result},
@@ -518,11 +547,11 @@ def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, reuse=None, verify=0
         else:
             todo.append((k, job, path))
             origin[k] = "compiled"
-    checks = {reused[rk]: results[reused[rk]] for rk in _verify_picks(reused, verify)}
+    checks = {k: results[k] for k in _verify_picks(reused, jobs, verify, verify_seed)}
     for k in checks:
         todo.append((k, jobs[k], os.path.join(cdir, _versioned_key(jobs[k], jobs[k]["src"]) + ".json")))
     log(f"  {len(jobs)} distinct compiles: {sum(v == 'cached' for v in origin.values())} cached, {len(reused)} "
-        f"reused from a report ({len(checks)} of them compiled again to check), "
+        f"reused from a report ({len(checks)} of them compiled again to check, seed {verify_seed}), "
         f"{len(todo) - len(checks)} to compile, on {n_jobs} processes")
     t0 = time.perf_counter()
     if todo:
@@ -538,8 +567,8 @@ def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, reuse=None, verify=0
                 if k in checks:
                     want = checks[k]
                     diff = [f"{f} {want.get(f)!r} in the report, {res.get(f)!r} now"
-                            for f in ("registers", "spill_bytes", "shared_bytes", "mma", "status")
-                            if want.get(f, "") != res.get(f, "")]
+                            for f in RESULT_FIELDS + ("status",)
+                            if f != "compile_s" and str(want.get(f, "")) != str(res.get(f, ""))]
                     if diff:
                         res = dict(res, status="report mismatch: " + "; ".join(diff))
                     origin[k] = "reused+checked"
@@ -556,7 +585,8 @@ def compile_all(jobs: dict, n_jobs: int = 2, *, cache=True, reuse=None, verify=0
         limit = H.shared_limit((arch // 10, arch % 10))
         row = {"kernel": job["kernel"], "config": job["config"], "dtype": job["dtype"], "arch": f"sm_{arch}",
                "shared_limit": limit, "num_warps": job["num_warps"], "num_stages": job["num_stages"],
-               "specialization": job["specialization"], "uses": job["uses"], "example": job["example"],
+               "specialization": job["specialization"], "types": job["types"], "uses": job["uses"],
+               "example": job["example"],
                "source": job["source"], "status": res.get("status", ""), "key": rkeys[k], "origin": origin[k]}
         row.update({f: res.get(f, "") for f in RESULT_FIELDS})
         row["status"] = "; ".join(problems(row)) or row["status"]
@@ -606,8 +636,9 @@ def write(rows, out_dir, *, argv=(), elapsed=None, n_jobs=2):
           f"`python -m bench.compile_report {' '.join(_rel(a) for a in argv)}` — triton {triton.__version__}, torch "
           f"{torch.__version__}, compiled ahead of time (no GPU)"
           + (f", {elapsed:.0f} s on {n_jobs} processes" if elapsed else "")
-          + f" ({sum(float(r['compile_s'] or 0) for r in rows):.0f} s of compiling in all; `origin` says which rows "
-          "were compiled in this run, cached from an earlier run on this machine, or reused from a committed report).",
+          + f" (the rows' own compile times add up to {sum(float(r['compile_s'] or 0) for r in rows):.0f} s; "
+          "`origin` says which rows were compiled in this run, cached from an earlier run on this machine, or "
+          "reused from a committed report).",
           "",
           "One row per distinct compile (kernel, arch, JIT specialisation, constexprs, warps, stages). "
           "`spill_bytes` is ptxas's spill stores where cuobjdump's STACK is not 0 (else 0); `shared_limit` is `heuristics.SHARED_LIMIT`; `mma` the best "
@@ -617,11 +648,11 @@ def write(rows, out_dir, *, argv=(), elapsed=None, n_jobs=2):
           "tile without wgmma on sm_90, or a compile error).", ""]
     cfgs = {}
     for r in rows:
-        cfgs.setdefault((r["arch"], r["kernel"], r["config"], r["dtype"]), set()).add(r["source"])
+        cfgs.setdefault((r["arch"], r["kernel"], r["config"], r["types"]), set()).add(r["source"])
     for arch in sorted({a for a, *_ in cfgs}):
         mine = [v for (a, *_), v in cfgs.items() if a == arch]
-        md.append(f"- {arch}: {len(mine)} distinct configs (kernel, constexprs, warps, stages, dtypes) that the "
-                  f"heuristics return, {sum('bench' in v for v in mine)} of them on the benchmark's shapes, "
+        md.append(f"- {arch}: {len(mine)} distinct configs (kernel, constexprs, warps, stages, pointer dtypes) that "
+                  f"the heuristics return, {sum('bench' in v for v in mine)} of them on the benchmark's shapes, "
                   f"{sum('bench' not in v for v in mine)} only in the coverage sweep; each one compiled here (any that "
                   "failed to compile is listed under Flagged).")
     md.append("")
@@ -672,6 +703,8 @@ def main(argv=None) -> int:
                          "source, triton version, inputs) it lists")
     ap.add_argument("--verify", type=int, default=0, metavar="N",
                     help="compile N of the reused rows again and flag any that differ from the report")
+    ap.add_argument("--verify-seed", type=int, default=None,
+                    help="which reused rows --verify draws (default: today's date, so runs rotate over them)")
     args = ap.parse_args(argv)
     # The report compiles the kernels, so they must be JIT functions, not the interpreter's.
     if "dora_kernels.kernels" not in sys.modules:
@@ -692,8 +725,14 @@ def main(argv=None) -> int:
     print(f"compile report for sm_{', sm_'.join(map(str, archs))}"
           f"{' (quick)' if args.quick else ''}")
     jobs = collect(archs, args.quick, n_jobs=args.jobs)
-    reuse = load_report(args.reuse) if args.reuse and os.path.exists(args.reuse) else None
-    rows = compile_all(jobs, args.jobs, cache=not args.no_cache, reuse=reuse, verify=args.verify)
+    reuse = None
+    if args.reuse:
+        if os.path.exists(args.reuse):
+            reuse = load_report(args.reuse)
+        else:
+            print(f"compile_report: --reuse {args.reuse} does not exist; compiling everything", file=sys.stderr)
+    seed = args.verify_seed if args.verify_seed is not None else int(time.strftime("%Y%m%d"))
+    rows = compile_all(jobs, args.jobs, cache=not args.no_cache, reuse=reuse, verify=args.verify, verify_seed=seed)
     elapsed = time.perf_counter() - t0
     bad = write(rows, args.out, argv=argv, elapsed=elapsed, n_jobs=args.jobs)
     print(f"{len(rows)} compiles, {len(bad)} flagged; wrote {args.out}/compile_report.csv and .md "

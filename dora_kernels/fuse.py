@@ -18,7 +18,8 @@ arguments, hooks on the base layer, an unfrozen base weight, mismatched dtypes o
 the layer runs PEFT's own ``forward``. PEFT's DoRA caching (``peft.helpers.DoraCaching``, eval
 mode) is kept with PEFT's semantics: the fused op's fp32 norm is stored in the DoRA layer's
 ``_dora_cache`` on the first cached call and reused until PEFT clears the cache (``train()``, or
-an uncached call, which clears it as PEFT's does).
+an uncached call, which clears it as PEFT's does); under autocast the norm is computed at each
+call (of the autocast copy of W0) and not cached.
 
 Layers the op cannot serve (DoRA on Embedding, Conv, a quantised or otherwise custom base
 layer) are left alone; ``fuse`` warns about them and ``fuse_report(model)`` lists them.

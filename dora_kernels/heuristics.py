@@ -16,9 +16,10 @@ of meta-parameters. The rules, in short:
   ``dx_config``).
 * Rank-r operands are padded to a power of two ≥ 16 and processed in chunks of 16 or 32.
 * Every config these functions return compiles without register spills and within the
-  shared memory of sm_80 and sm_90, with wgmma for the 16-bit GEMM tiles on sm_90
-  (``bench/compile_report.py`` compiles them all; ``tests/test_compile_report.py`` holds them
-  to it). Some rules below exist only to dodge a spill that ptxas makes in one corner.
+  shared memory of sm_80 and sm_90, with wgmma for the 16-bit GEMM tiles on sm_90, with
+  triton 3.9's ptxas (``bench/compile_report.py`` compiles them all;
+  ``tests/test_compile_report.py`` holds them to it; triton 3.6's ptxas spills 12 bytes in a
+  few). Some rules below exist only to dodge a spill that ptxas makes in one corner.
 * Token reductions (the backward pass over G) size their programs so that about two waves
   of the GPU's SMs are busy; partials are then summed by a second, tiny kernel.
 
@@ -132,8 +133,8 @@ def norm_config(rows: int, k: int, r: int, dtype, arch, *, with_wa: bool = False
 
 def xa_config(tokens: int, k: int, r: int, dtype, arch, *, fp32_dots: bool = False) -> dict:
     """``_xa_kernel``; ``fp32_dots``: the product runs as fp32 dots (fp32 x, or adapters of another
-    dtype than a 16-bit x that cannot take the split bf16 path). Those run as tf32x3, three
-    products per step, so their steps are 32 deep (64 spills on sm_80)."""
+    dtype than a 16-bit x that cannot take the split bf16 path). Those run as tf32x3 (three
+    products per step; tf32 with ``allow_tf32``), so their steps are 32 deep (64 spills on sm_80)."""
     bn = 64 if tokens >= 16384 else (32 if tokens >= 32 else 16)
     return {"BLOCK_N": bn, "BLOCK_K": 32 if (fp32_dots or dtype == torch.float32) else 64, "BLOCK_R": _pow2(r, 16, 32),
             "num_warps": 4, "num_stages": 1 if arch is None else 3}
@@ -143,7 +144,7 @@ def bwd_g_config(tokens: int, cols: int, r: int, dtype, arch, num_sms: int) -> d
     """Programs of TOK_PER_PROG tokens × COL_PER_PROG columns × one rank chunk, ~2 waves.
 
     Rank chunks of 16, or 32 for bf16 with r > 16 (each chunk re-reads its G tiles); 64×32
-    tiles for chunks of 16, 32×32 for chunks of 32 (larger tiles spill on sm_80)."""
+    tiles for chunks of 16 with bf16 on sm_90 and later, else 32×32 (larger tiles spill)."""
     br = 32 if (r > 16 and dtype == torch.bfloat16 and tokens >= 64) else 16
     bn = (64 if br == 16 else 32) if tokens >= 64 else _pow2(tokens, 16, 32)
     if dtype != torch.bfloat16 or (arch is not None and tuple(arch) < (9, 0)):

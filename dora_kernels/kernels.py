@@ -10,8 +10,8 @@ cores see bf16/fp16, except under the interpreter (``UPCAST``), whose bf16 arith
 wrong. ``LORA_F32`` runs the rank-r products in fp32 (adapters wider than x, or fp32 x).
 Reductions over tokens write per-program fp32 partials that a second kernel sums:
 deterministic, no atomics. Arguments that only bound loops or address the small operands
-(tokens N, rank R, B's row stride, the dropout seed, partial counts) are not specialised by the
-JIT, so a layer compiles once whatever the batch size, rank or seed (R = 1 as a constant also
+(tokens N, rank R, B's row stride, the dropout seed, counts of partials and token blocks) are not
+specialised by the JIT, so a layer compiles once whatever the batch size, rank or seed (R = 1 as a constant also
 crashed the compiler in the dropout ``_dx_kernel``, triton 3.9).
 """
 
@@ -407,7 +407,7 @@ def _sum_rows(out_ptr, part_ptr, T, L, pid, scale, BLOCK: tl.constexpr):
     tl.store(out_ptr + o_l, _rounded((b_acc * scale), out_ptr), mask=m_l)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Ta", "Tb"])
 def _finalize_kernel(
     da_ptr,  # out (R, K): dA = s/(1 − p) · Σ_t da_part[t]
     db_ptr,  # out (M, R): dB = s · Σ_t db_part[t]
@@ -438,7 +438,7 @@ def _finalize_kernel(
                  _rounded(b_dm, dm_ptr), mask=m_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "seed"])
 def _mask_kernel(
     out_ptr,  # out (N, K) int8: the dropout keep-mask the other kernels build from `seed`
     N, K, p, seed,

@@ -140,7 +140,8 @@ def _xa(x, lora_A, p, seed, inv_keep):
     arch, _ = target(x)
     split = _split(x.dtype) and lora_A.dtype != x.dtype
     lora_f32 = _lora_f32(x.dtype, lora_A.dtype)
-    cfg = H.xa_config(N, K, R, x.dtype, arch, fp32_dots=lora_f32 and not split)
+    # fp32 dots (tf32x3) unless x and A are the same 16-bit dtype or the split path runs
+    cfg = H.xa_config(N, K, R, x.dtype, arch, fp32_dots=(x.dtype not in _HALF or lora_A.dtype != x.dtype) and not split)
     meta = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages")}
     meta.update(HAS_DROPOUT=p > 0, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype), LORA_F32=lora_f32, SPLIT=split,
                 PREC=_prec())

@@ -15,7 +15,8 @@ source, triton version and compile inputs: in ``~/.cache/dora_kernels/compile_re
 machine's compiles) and in the committed ``bench/results/compile_report.csv`` (its ``key``
 column), which ``python -m bench.compile_report --arch 80,90`` regenerates. A compile found in
 neither is compiled here, so a changed kernel is always compiled and checked; of the results
-taken from the committed report, ``VERIFY`` are compiled again on every run and must match.
+taken from the committed report, ``VERIFY`` are compiled again on every run (drawn from every
+kernel and arch, different ones each day) and must match.
 Skipped when the wheel's ptxas / cuobjdump are missing.
 """
 
@@ -119,16 +120,17 @@ for _ in range(int(sys.argv[3])):
     for arch in archs:
         for lc in CR.record(case, arch):
             job = CR.specialise(lc, arch)
-            out.append([case.label, job["kernel"], f"sm_{arch}", job["config"]])
+            out.append([case.label, job["kernel"], f"sm_{arch}", job["config"], job["types"]])
 print(json.dumps(out))
 """
 
 
 def test_random_shapes_choose_compiled_configs(rows):
     """The sweep reaches every config the launchers choose: random layers (tokens 1–20000, odd
-    dims, r 1–256, any dtype pair, flags, tf32) pick only (kernel, arch, config)s it compiled.
+    dims, r 1–256, any dtype pair, flags, tf32) pick only (kernel, arch, constexprs, warps, stages,
+    pointer dtypes) it compiled.
     (The launchers run in a fresh process, where the kernels are JIT functions.)"""
-    compiled = {(r["kernel"], r["arch"], r["config"]) for r in rows}
+    compiled = {(r["kernel"], r["arch"], r["config"], r["types"]) for r in rows}
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", _RANDOM_CONFIGS, "20261125", ",".join(map(str, ARCHS)), "60"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

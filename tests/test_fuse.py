@@ -630,6 +630,9 @@ def test_peft_dora_caching_is_honoured(monkeypatch):
     from peft.helpers import DoraCaching
 
     calls = count_fused_calls(monkeypatch)
+    given = []  # the weight_norm each fused call received
+    counting = FUSE.dora_linear
+    monkeypatch.setattr(FUSE, "dora_linear", lambda *a, **k: given.append(k.get("weight_norm")) or counting(*a, **k))
     norms = []
     real_norm = FUSE.weight_norm
     monkeypatch.setattr(FUSE, "weight_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
@@ -644,10 +647,12 @@ def test_peft_dora_caching_is_honoured(monkeypatch):
             assert len(calls) == 2 and len(norms) == 2 and all(caches)
             y2 = model(x)
             assert len(calls) == 4 and len(norms) == 2  # the cached norms, not new ones
+            cached = [next(iter(c.values())) for c in caches]
+            assert all(n is not None for n in given) and [id(n) for n in given] == [id(n) for n in cached] * 2
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(y2, y, rtol=0, atol=0)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
-        assert len(calls) == 6 and len(norms) == 2 and not any(caches)
+        assert len(calls) == 6 and len(norms) == 2 and not any(caches) and given[-2:] == [None, None]
         model.train()
         with DoraCaching():
             model(x)
