@@ -49,6 +49,7 @@ import concurrent.futures as cf
 import csv
 import functools
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -153,37 +154,18 @@ class Case:
                 f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}{' tf32' if self.tf32 else ''}")
 
 
+def _grid(source, shapes, tokens, ranks, pairs, flags=FLAG_SETS, tf32=(0,)) -> list:
+    return [Case(fi, fo, n, r, d, a, *fl, source, t) for (fi, fo), n, r, (d, a), fl, t
+            in itertools.product(shapes, tokens, ranks, pairs, flags, tf32)]
+
+
 def cases(quick: bool = False) -> list:
-    out = []
     if quick:
         q = QUICK
-        for (fi, fo) in q["shapes"]:
-            for n in q["tokens"]:
-                for r in q["ranks"]:
-                    for d, a in q["dtypes"]:
-                        for fl in q["flags"]:
-                            out.append(Case(fi, fo, n, r, d, a, *fl, "bench"))
-        return out
-    for (fi, fo) in BENCH_SHAPES:
-        for n in BENCH_TOKENS:
-            for r in BENCH_RANKS:
-                for d, a in DTYPE_PAIRS:
-                    for fl in FLAG_SETS:
-                        out.append(Case(fi, fo, n, r, d, a, *fl, "bench"))
-    for (fi, fo) in COVER_SHAPES:
-        for n in COVER_TOKENS:
-            for r in COVER_RANKS:
-                for d, a in DTYPE_PAIRS:
-                    for fl in FLAG_SETS:
-                        out.append(Case(fi, fo, n, r, d, a, *fl, "coverage"))
-    for (fi, fo) in COVER_SHAPES:
-        for n in EDGE_TOKENS:
-            for r in EDGE_RANKS:
-                for d, a in ALL_PAIRS:
-                    for fl in FLAG_SETS:
-                        for tf32 in (0, 1):
-                            out.append(Case(fi, fo, n, r, d, a, *fl, "coverage", tf32))
-    return out
+        return _grid("bench", q["shapes"], q["tokens"], q["ranks"], q["dtypes"], q["flags"])
+    return (_grid("bench", BENCH_SHAPES, BENCH_TOKENS, BENCH_RANKS, DTYPE_PAIRS)
+            + _grid("coverage", COVER_SHAPES, COVER_TOKENS, COVER_RANKS, DTYPE_PAIRS)
+            + _grid("coverage", COVER_SHAPES, EDGE_TOKENS, EDGE_RANKS, ALL_PAIRS, tf32=(0, 1)))
 
 
 def record(case: Case, arch: int) -> list:
