@@ -486,6 +486,44 @@ def test_gpt2_fan_in_fan_out(monkeypatch):
                         for s in seen)
 
 
+@pytest.mark.parametrize("kind", ["two_dora_adapters", "gpt2_conv1d"])
+def test_peft_dora_caching_matches_peft(kind):
+    """DoraCaching with two active DoRA adapters (the second runs PEFT's arithmetic and cache)
+    and on GPT-2's fan_in_fan_out Conv1D: the cached fused outputs equal PEFT's cached ones."""
+    from peft.helpers import DoraCaching
+
+    if kind == "two_dora_adapters":
+        model = _three_adapters()
+        model.base_model.set_adapter(["default", "second"])
+        x = torch.randn(3, 4, IN, device=DEVICE)
+    else:
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+        with pytest.warns(UserWarning, match="fan_in_fan_out"):
+            model = get_peft_model(transformers.GPT2LMHeadModel(cfg).to(DEVICE),
+                                   LoraConfig(r=R, lora_alpha=8, target_modules=["c_attn"], use_dora=True,
+                                              init_lora_weights=False))
+        perturb_magnitudes(model)
+        x = torch.randint(0, 64, (2, 7), device=DEVICE)
+    ref = copy.deepcopy(model).eval()
+    model = dora_kernels.fuse(model).eval()
+    assert dora_kernels.fused_layers(model)
+
+    def out(m):
+        y = m(x)
+        return y.logits if hasattr(y, "logits") else y
+
+    try:
+        with DoraCaching():
+            want, got, again = out(ref), out(model), out(model)
+            assert any(k.startswith("dora_kernels") for m in model.modules() for k in getattr(m, "_dora_cache", {}))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again, got, rtol=0, atol=0)
+    finally:
+        DoraCaching()(enabled=False)
+
+
 class Mixed(nn.Module):
     """DoRA on an Embedding, a Conv2d, a fake-quantised linear and a plain Linear."""
 
