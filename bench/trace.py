@@ -472,16 +472,17 @@ def targets(rows, gpu="H100-SXM"):
         got = _find(rows, provider=p, mode=mode, layer=layer, tokens=n, gpu=gpu)
         return got[0] if got else None
 
-    worst = None
-    for layer in layers:
-        for n in (4096, 16384):
-            if (layer, n) not in have:
-                continue
-            f = one(layer, n, "step", "fused")
-            if f is None or f["ratio_floor"] == "":
-                continue
-            if worst is None or f["ratio_floor"] > worst[0]:
-                worst = (f["ratio_floor"], layer, n)
+    def worst_ratio(tokens, mode, field):
+        """(largest fused ``field``, layer, tokens) over the layers and token counts, or None."""
+        worst = None
+        for layer in layers:
+            for n in tokens:
+                f = one(layer, n, mode, "fused") if (layer, n) in have else None
+                if f is not None and f[field] != "" and (worst is None or f[field] > worst[0]):
+                    worst = (f[field], layer, n)
+        return worst
+
+    worst = worst_ratio((4096, 16384), "step", "ratio_floor")
     if worst:
         out.append(("fused fwd+bwd <= 1.10x floor (4096, 16384 tokens)", worst[0] <= 1.10,
                     f"worst {worst[0]:.3f}x at {worst[1]} N={worst[2]} ({(worst[0] / 1.10 - 1) * 100:+.1f}% vs target)"))
@@ -504,16 +505,7 @@ def targets(rows, gpu="H100-SXM"):
                     f"worst {layer} N={n}: fused {fs / 2**20:.2f} MiB vs budget {budget / 2**20:.2f} MiB "
                     f"(LoRA {ls / 2**20:.2f} MiB); {'over' if over > 0 else 'under'} by {abs(over) / 2**10:.1f} KiB "
                     f"({over / budget * 100:+.2f}%)"))
-    worst = None
-    for layer in layers:
-        for n in (1, 16, 64, 256):
-            if (layer, n) not in have:
-                continue
-            f = one(layer, n, "eval", "fused")
-            if f is None or f["ratio_peft_lora"] == "":
-                continue
-            if worst is None or f["ratio_peft_lora"] > worst[0]:
-                worst = (f["ratio_peft_lora"], layer, n)
+    worst = worst_ratio((1, 16, 64, 256), "eval", "ratio_peft_lora")
     if worst:
         out.append(("fused eval forward <= 1.05x PEFT LoRA (1-256 tokens)", worst[0] <= 1.05,
                     f"worst {worst[0]:.3f}x at {worst[1]} N={worst[2]} ({(worst[0] / 1.05 - 1) * 100:+.1f}% vs target)"))
