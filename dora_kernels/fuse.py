@@ -201,7 +201,8 @@ def _forward(self, x, *args, **kwargs):
         return type(self)._dora_kernels_base.forward(self, x, *args, **kwargs)
     name, rest, (x, weight, A, B, m, scaling, bias, p) = plan
     norm = _cached_norm(self.lora_magnitude_vector[name], name, weight, A, B, scaling)
-    result = dora_linear(x, weight, A, B, m, scaling, bias, dropout_p=p, training=True, weight_norm=norm)
+    result = dora_linear(x, weight, A, B, m, scaling, bias, dropout_p=p, training=True, weight_norm=norm,
+                         save_output=getattr(self, "_dora_kernels_save_output", True))
     if not rest:
         return result
     # Later adapters: PEFT's loop verbatim, on the running result (x cast as PEFT casts it).
@@ -279,7 +280,7 @@ def _unfuse_reference(module) -> None:
 # ---------------------------------------------------------------------------------------------
 # public API
 
-def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
+def fuse(model: nn.Module, *, verbose: bool = False, save_output: bool = True) -> nn.Module:
     """Make the DoRA layers of ``model`` run the fused op, in place; returns ``model``.
 
     - ``reference.DoRALinear`` layers become ``dora_kernels.DoRALinear`` (the same module
@@ -292,6 +293,8 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     (``add_adapter``, ``load_adapter``). DoRA layers it cannot serve (Embedding, Conv, quantised
     bases) stay on PEFT's path and are reported with a warning; ``verbose`` also logs each
     fused layer (logger ``dora_kernels.fuse``, level INFO). ``fuse_report(model)`` lists both.
+    ``save_output`` (every fused layer, see ``dora_linear``): False where the model modifies a
+    DoRA layer's output in place.
     """
     lora = _peft_lora()
     for name, module in model.named_modules():
@@ -304,6 +307,11 @@ def fuse(model: nn.Module, *, verbose: bool = False) -> nn.Module:
             continue
         if verbose:
             logger.info("dora_kernels.fuse: fused %s", name or "<model>")
+    for module in model.modules():
+        if isinstance(module, DoRALinear):
+            module.save_output = bool(save_output)
+        elif _is_fused_peft(module):
+            module._dora_kernels_save_output = bool(save_output)
     report = fuse_report(model)
     if report.skipped:
         lines = "\n".join(f"  {n or '<model>'}: {why}" for n, why in report.skipped.items())
@@ -318,6 +326,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     for _, module in model.named_modules():
         if _is_fused_peft(module):
             module.__class__ = type(module)._dora_kernels_base
+            vars(module).pop("_dora_kernels_save_output", None)
         elif isinstance(module, DoRALinear) and "_dora_kernels_reference" in vars(module):
             _unfuse_reference(module)
     return model

@@ -241,13 +241,13 @@ def _bwd_g_kernel(
     dm_ptr,  # out (T, M) fp32: per token group, Σ_tokens G ⊙ u
     db_ptr,  # out (T, M, R) fp32: per token group, (G ⊙ g)ᵀ·xa
     g_ptr, stride_gn, stride_gm,  # G = dL/dy: token, column
-    u_ptr, stride_un, stride_um,  # u (ũ with dropout) saved by the forward: token, column
+    u_ptr, stride_un, stride_um,  # u (ũ with dropout), or y with FROM_Y, saved by the forward
     xa_ptr,  # (N, R), contiguous
     b_ptr, stride_bm, stride_br,  # B: row, rank
-    mag_ptr, norm_ptr,  # (M,) each
+    mag_ptr, norm_ptr, bias_ptr,  # (M,) each
     N, M, R, TOK_PER_PROG, COL_PER_PROG,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT: tl.constexpr, PREC: tl.constexpr,
+    FROM_Y: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
     # One pass over G. Program (t, s, c) covers TOK_PER_PROG tokens × COL_PER_PROG columns ×
     # one rank chunk; it owns its slices of the dm/dB partials (read-modify-write, no races).
@@ -291,8 +291,18 @@ def _bwd_g_kernel(
             b_db = b_gtx * b_g[:, None] + tl.load(p_db, mask=m_db & m_prev[:, None], other=0.0)
             tl.store(p_db, b_db, mask=m_db)
             if pid_c == 0:
-                b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um, mask=m_nm, other=0.0)
-                b_dm = tl.sum(b_G.to(tl.float32) * b_u.to(tl.float32), axis=0)
+                b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um, mask=m_nm,
+                              other=0.0).to(tl.float32)
+                b_dm = tl.sum(b_G.to(tl.float32) * b_u, axis=0)
+                if FROM_Y:
+                    # u = (y − bias) / g: Σ G ⊙ u = (Σ G ⊙ y − bias · Σ G) / g per column (no
+                    # extra tile-sized values). Columns with g = 0 add nothing: dm is 0 where
+                    # n = 0, and the finalize kernel makes the rows with |m| < G_REDO · n (g = 0
+                    # there, or y too coarse a copy of g·u) again from x and W0.
+                    if HAS_BIAS:
+                        b_dm -= tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32) * tl.sum(
+                            b_G.to(tl.float32), axis=0)
+                    b_dm *= tl.where(b_g != 0, 1.0 / tl.where(b_g != 0, b_g, 1.0), 0.0)
                 p_dm = dm_ptr + pid_t * M + o_m
                 b_dm += tl.load(p_dm, mask=m_m & m_prev, other=0.0)
                 tl.store(p_dm, b_dm, mask=m_m)
@@ -407,26 +417,78 @@ def _sum_rows(out_ptr, part_ptr, T, L, pid, scale, BLOCK: tl.constexpr):
     tl.store(out_ptr + o_l, _rounded((b_acc * scale), out_ptr), mask=m_l)
 
 
-@triton.jit(do_not_specialize=["Ta", "Tb"])
+@triton.jit
+def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, stride_xk, w_ptr, stride_wm,
+                  stride_wk, xa_ptr, b_ptr, stride_bm, stride_br, mag_ptr, norm_ptr, N, K, R, scaling,
+                  FB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                  UPCAST: tl.constexpr, PREC: tl.constexpr, G_REDO: tl.constexpr):
+    # dm = Σ_tokens G ⊙ u / n for the rows j0 .. j0 + FB with |m| < G_REDO · n, n > 0, where the
+    # saved output y = g·u + bias carries u too coarsely (not at all where m = 0; with an error of
+    # |bias| / g times y's rounding otherwise): u = x·W0ᵀ + s·xa·Bᵀ is made again for those rows
+    # (rare: DoRA starts at m = n and stays near it). The loops are not software-pipelined (that
+    # made ptxas spill).
+    o_j = j0 + tl.arange(0, FB)
+    m_j = o_j < M
+    b_nrm = tl.load(norm_ptr + o_j, mask=m_j, other=1.0)
+    b_redo = (tl.abs(tl.load(mag_ptr + o_j, mask=m_j, other=1.0).to(tl.float32)) < G_REDO * b_nrm) & (b_nrm > 0) & m_j
+    if tl.sum(b_redo.to(tl.int32), axis=0) > 0:
+        i_t = tl.arange(0, BT)
+        i_k = tl.arange(0, BK)
+        i_r = tl.arange(0, BR)
+        b_dm = tl.zeros((FB,), dtype=tl.float32)
+        for t0 in tl.range(0, N, BT, num_stages=1):
+            o_t = t0 + i_t
+            m_t = o_t < N
+            b_u = tl.zeros((BT, FB), dtype=tl.float32)
+            for k0 in tl.range(0, K, BK, num_stages=1):
+                m_k = (k0 + i_k) < K
+                b_x = tl.load(x_ptr + o_t[:, None] * stride_xn + (k0 + i_k)[None, :] * stride_xk,
+                              mask=m_t[:, None] & m_k[None, :], other=0.0)
+                b_wt = tl.load(w_ptr + o_j[None, :] * stride_wm + (k0 + i_k)[:, None] * stride_wk,
+                               mask=b_redo[None, :] & m_k[:, None], other=0.0)
+                if UPCAST:
+                    b_x = b_x.to(tl.float32)
+                    b_wt = b_wt.to(tl.float32)
+                b_u = tl.dot(b_x, b_wt, b_u, input_precision=PREC)
+            for r0 in tl.range(0, R, BR, num_stages=1):
+                m_r = (r0 + i_r) < R
+                b_xa = tl.load(xa_ptr + o_t[:, None] * R + (r0 + i_r)[None, :], mask=m_t[:, None] & m_r[None, :],
+                               other=0.0).to(tl.float32)
+                b_bt = tl.load(b_ptr + o_j[None, :] * stride_bm + (r0 + i_r)[:, None] * stride_br,
+                               mask=b_redo[None, :] & m_r[:, None], other=0.0).to(tl.float32)
+                b_u = tl.dot(b_xa * scaling, b_bt, b_u, input_precision=PREC)
+            b_G = tl.load(g_ptr + o_t[:, None] * stride_gn + o_j[None, :] * stride_gm,
+                          mask=m_t[:, None] & b_redo[None, :], other=0.0)
+            b_dm += tl.sum(b_G.to(tl.float32) * b_u, axis=0)
+        tl.store(dm_ptr + o_j, _rounded(b_dm / b_nrm, dm_ptr), mask=b_redo)
+
+
+@triton.jit(do_not_specialize=["Ta", "Tb", "N", "R"])
 def _finalize_kernel(
     da_ptr,  # out (R, K): dA = s/(1 − p) · Σ_t da_part[t]
     db_ptr,  # out (M, R): dB = s · Σ_t db_part[t]
     dm_ptr,  # out (M,): dm = Σ_t dm_part[t] / n (0 where n = 0)
     da_part_ptr, db_part_ptr, dm_part_ptr,  # (Ta, R·K), (Tb, M·R), (Tb, M) fp32
-    norm_ptr,  # (M,) fp32
-    Ta, Tb, RK, MR, M, scale_a, scale_b,
-    BLOCK: tl.constexpr,
+    norm_ptr, mag_ptr,  # (M,) each
+    # with REDO_ROWS (the backward read y, not u): what rows with |m| < G_REDO · n need
+    g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, stride_xk, w_ptr, stride_wm, stride_wk,
+    xa_ptr, b_ptr, stride_bm, stride_br,
+    Ta, Tb, RK, MR, M, scale_a, scale_b, N, K, R, scaling,
+    BLOCK: tl.constexpr, REDO_ROWS: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BR: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, G_REDO: tl.constexpr,
 ):
     # One launch sums every token-reduction partial of the backward: programs
-    # [0, na) make dA, [na, na + nb) dB, the rest dm.
+    # [0, na) make dA, [na, na + nb) dB, [na + nb, na + nb + nm) dm, and with REDO_ROWS one
+    # program per FB rows after those makes dm of its rows with |m| < G_REDO · n, n > 0 (if any).
     pid = tl.program_id(0)
     na = tl.cdiv(RK, BLOCK)
     nb = tl.cdiv(MR, BLOCK)
+    nm = tl.cdiv(M, BLOCK)
     if pid < na:
         _sum_rows(da_ptr, da_part_ptr, Ta, RK, pid, scale_a, BLOCK)
     elif pid < na + nb:
         _sum_rows(db_ptr, db_part_ptr, Tb, MR, pid - na, scale_b, BLOCK)
-    else:
+    elif pid < na + nb + nm:
         o_m = (pid - na - nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m_m = o_m < M
         b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -434,8 +496,14 @@ def _finalize_kernel(
             b_acc += tl.load(dm_part_ptr + t * M + o_m, mask=m_m, other=0.0)
         b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
         b_dm = tl.where(b_nrm > 0, b_acc / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
-        tl.store(dm_ptr + o_m,
-                 _rounded(b_dm, dm_ptr), mask=m_m)
+        if REDO_ROWS:  # those rows are the later programs'
+            b_mag = tl.abs(tl.load(mag_ptr + o_m, mask=m_m, other=1.0).to(tl.float32))
+            m_m &= (b_mag >= G_REDO * b_nrm) | (b_nrm <= 0)
+        tl.store(dm_ptr + o_m, _rounded(b_dm, dm_ptr), mask=m_m)
+    elif REDO_ROWS:
+        _dm_redo_rows(dm_ptr, (pid - na - nb - nm).to(tl.int64) * FB, M, g_ptr, stride_gn, stride_gm, x_ptr,
+                      stride_xn, stride_xk, w_ptr, stride_wm, stride_wk, xa_ptr, b_ptr, stride_bm, stride_br,
+                      mag_ptr, norm_ptr, N, K, R, scaling, FB, BT, BK, BR, UPCAST, PREC, G_REDO)
 
 
 @triton.jit(do_not_specialize=["N", "seed"])

@@ -23,11 +23,12 @@ class DoRALinear(nn.Module):
     magnitude the row norms of ``W0 + s·B·A``.
 
     ``norm_grad``: ``"detached"`` (PEFT's default) or ``"exact"`` (see ``dora_linear``).
+    ``save_output``: see ``dora_linear``; set it False where the output is modified in place.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 8.0, *, bias: bool = True,
                  dropout: float = 0.0, use_rslora: bool = False, norm_grad: str = "detached", device=None,
-                 dtype=None, adapter_dtype=None):
+                 dtype=None, adapter_dtype=None, save_output: bool = True):
         super().__init__()
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive integer, got {r!r}")
@@ -42,6 +43,7 @@ class DoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout_p = float(dropout)
         self.norm_grad = norm_grad
+        self.save_output = bool(save_output)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **adapter))
@@ -148,7 +150,8 @@ class DoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude, self.scaling, self.bias,
                            dropout_p=self.dropout_p, training=self.training, norm_grad=self.norm_grad,
-                           dropout_seed=dropout_seed, weight_norm=self._cached_norm())
+                           dropout_seed=dropout_seed, weight_norm=self._cached_norm(),
+                           save_output=self.save_output)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

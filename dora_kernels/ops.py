@@ -63,6 +63,14 @@ def _torch_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
     return torch.rand(shape, generator=gen, device=device) >= p
 
 
+def _rows_packed(x: torch.Tensor) -> torch.Tensor:
+    """x (N, K) for torch's own GEMMs: a bf16 CPU matmul (oneDNN, on CPUs with AMX) reads past the
+    end of each row of a view whose rows lie further apart than K, so such an x is copied."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] > 1 and x.stride(0) != x.shape[1]:
+        return x.contiguous()
+    return x
+
+
 def dropout_mask(seed: int, shape, p: float, device="cpu") -> torch.Tensor:
     """The boolean keep-mask that the op builds for an ``x`` of ``shape`` from ``seed``.
 
@@ -180,6 +188,7 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p
     magnitude = magnitude.contiguous()
     bias = bias.contiguous() if bias is not None else None
     if not uses_triton(x):
+        x = _rows_packed(x)
         xd = x
         if p > 0:
             xd = x * _torch_keep_mask(seed, (N, K), p, dev).to(x.dtype)
@@ -224,13 +233,25 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p
 # ---------------------------------------------------------------------------------------------
 # backward
 
+# With the output y saved, the backward makes u = x·W0ᵀ + s·xa·Bᵀ again (instead of (y − bias)/g)
+# for the rows with |m| < G_REDO · n: there y's rounding, divided by g, would cost dm up to
+# 1/G_REDO times the precision of a saved u when a bias dominates y.
+G_REDO = 0.25
+
+
 def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u, *, p=0.0, seed=0,
-                  need_dx=True):
+                  need_dx=True, from_y=False, bias=None):
     """Gradients of the detached-norm DoRA linear from G = dL/dy (N, M) and the forward's u.
 
+    With ``from_y`` (p = 0 only) ``u`` is the forward's output y and ``bias`` its bias:
+    u = (y − bias) / g, made again from x and W0 instead for the rows with |m| < G_REDO · n, n > 0
+    (there y carries u too coarsely: not at all where m = 0, with |bias| / g times y's rounding
+    error otherwise).
     Returns ``(dx or None, dA, dB, dm)``: dx in x's dtype, dA, dB and dm (= Σ_tokens G ⊙ u / n,
     0 where n = 0) in the dtypes of lora_A, lora_B and magnitude.
     """
+    if from_y and p > 0:
+        raise ValueError("dora_backward: from_y needs p = 0 (with dropout y does not determine ũ)")
     N, K = x.shape
     M = weight.shape[0]
     R = lora_A.shape[0]
@@ -241,10 +262,21 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
         raise ValueError(f"dora_backward: norm {tuple(norm.shape)}, xa {tuple(xa.shape)}, u {tuple(u.shape)} and "
                          f"grad {tuple(grad.shape)} must be ({M},), ({N}, {R}), ({N}, {M}) and ({N}, {M})")
     if not uses_triton(x):
+        x = _rows_packed(x)
         g = _g(magnitude, norm)
         G = grad.float()
         inv_n = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-        dm = ((G * u.float()).sum(0) * inv_n).to(magnitude.dtype)
+        uf = u.float()
+        if from_y:
+            uf = (uf - bias.float()) if bias is not None else uf
+            uf = uf * torch.where(g != 0, 1.0 / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
+        dm = (G * uf).sum(0) * inv_n
+        if from_y:
+            redo = (magnitude.float().abs() < G_REDO * norm) & (norm > 0)
+            if bool(redo.any()):  # y carries u too coarsely there: make u again for those rows
+                uz = (x @ weight[redo].T).float() + scaling * (xa.float() @ lora_B[redo].float().T)
+                dm[redo] = (G[:, redo] * uz).sum(0) * inv_n[redo]
+        dm = dm.to(magnitude.dtype)
         gs = G * g
         gb = gs @ lora_B.float()
         dB = (scaling * (gs.T @ xa.float())).to(lora_B.dtype)
@@ -271,12 +303,15 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
     dm_part = torch.empty((T, M), dtype=torch.float32, device=dev)
     db_part = torch.empty((T, M, R), dtype=torch.float32, device=dev)
     meta = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_R", "num_warps", "num_stages")}
-    meta.update(SPLIT=_split(x.dtype), PREC=_prec())
+    has_bias = from_y and bias is not None
+    bias = bias.contiguous() if has_bias else None
+    meta.update(FROM_Y=from_y, HAS_BIAS=has_bias, SPLIT=_split(x.dtype), PREC=_prec())
     launch(K_._bwd_g_kernel, (T, S, RC),
            (gb, dm_part, db_part, grad, *grad.stride(), u, *u.stride(), xa, lora_B, *lora_B.stride(),
-            magnitude, norm, N, M, R, cfg["TOK_PER_PROG"], cfg["COL_PER_PROG"]),
-           meta, flops=4 * N * M * R + 5 * N * M,
-           reads=[grad, u, xa, lora_B, magnitude, norm], writes=[gb, dm_part, db_part])
+            magnitude, norm, bias if has_bias else norm, N, M, R, cfg["TOK_PER_PROG"], cfg["COL_PER_PROG"]),
+           meta, flops=4 * N * M * R + (7 if from_y else 5) * N * M,
+           reads=[grad, u, xa, lora_B, magnitude, norm] + ([bias] if has_bias else []),
+           writes=[gb, dm_part, db_part])
 
     meta = H.dx_config(N, K, M, R, x.dtype, arch, dropout=p > 0, need_dx=need_dx)
     dx = torch.empty((N, K), dtype=x.dtype, device=dev) if need_dx else None
@@ -298,11 +333,19 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
     dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
     dm = torch.empty_like(magnitude)
     block = 512
-    grid = (triton_cdiv(R * K, block) + triton_cdiv(M * R, block) + triton_cdiv(M, block),)
+    # With from_y, dm of the rows with |m| < G_REDO · n (none, in DoRA as trained) is made again
+    # from x and W0 in this launch by cdiv(M, FB) more programs (fp32 dots by FMA: exact, and no
+    # register spills); their cost is not counted.
+    fin = {"BLOCK": block, "REDO_ROWS": from_y, "FB": 16, "BT": 16, "BK": 32, "BR": 16, "UPCAST": _upcast(x.dtype),
+           "PREC": "ieee", "G_REDO": G_REDO, "num_warps": 4}
+    grid = (triton_cdiv(R * K, block) + triton_cdiv(M * R, block) + triton_cdiv(M, block)
+            + (triton_cdiv(M, fin["FB"]) if from_y else 0),)
     launch(K_._finalize_kernel, grid,
-           (dA, dB, dm, da_part, db_part, dm_part, norm, tn, T, R * K, M * R, M, float(scaling * inv_keep),
-            float(scaling)), {"BLOCK": block, "num_warps": 4},
-           flops=tn * R * K + T * M * R + T * M, reads=[da_part, db_part, dm_part, norm], writes=[dA, dB, dm])
+           (dA, dB, dm, da_part, db_part, dm_part, norm, magnitude, grad, *grad.stride(), x, *x.stride(), weight,
+            *weight.stride(), xa, lora_B, *lora_B.stride(), tn, T, R * K, M * R, M, float(scaling * inv_keep),
+            float(scaling), N, K, R, float(scaling)), fin,
+           flops=tn * R * K + T * M * R + T * M,
+           reads=[da_part, db_part, dm_part, norm] + ([magnitude] if from_y else []), writes=[dA, dB, dm])
     return dx, dA, dB, dm
 
 
@@ -329,12 +372,13 @@ def fused_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, 
 
 
 def fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa, scaling, p, seed, *,
-                   exact, need_dx, need_a, need_b, need_m, need_bias):
+                   exact, need_dx, need_a, need_b, need_m, need_bias, from_y=False):
     """Gradients ``(dx, dA, dB, dm, dbias)`` (None where not needed) from what the forward saved:
-    ``u`` (ũ with dropout); ``wa`` = W0·Aᵀ when ``exact`` (the norm is differentiated)."""
+    ``u`` (ũ with dropout; the output y with ``from_y``); ``wa`` = W0·Aᵀ when ``exact`` (the
+    norm is differentiated)."""
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     dx, dA, dB, dm = dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u, p=p,
-                                   seed=seed, need_dx=need_dx)
+                                   seed=seed, need_dx=need_dx, from_y=from_y, bias=bias)
     s = scaling
     if exact and (need_a or need_b):
         # n depends on A and B: dn_j = −(m_j / n_j) · dm_j; with V = W0 + s·B·A,
@@ -351,31 +395,51 @@ def fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u
             dm if need_m else None, dbias)
 
 
+INPLACE_HINT = ("the output of dora_linear was modified in place before the backward. The fused op keeps its "
+                "output for the backward instead of another (tokens, out) tensor; where the output is modified in "
+                "place, pass save_output=False (dora_linear, DoRALinear, DoRAFunction.apply, or "
+                "dora_kernels.fuse(model, save_output=False)).")
+
+
+def saved_or_hint(ctx):
+    """``ctx.saved_tensors``, with a hint at ``save_output=False`` when the saved output was
+    modified in place."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as e:
+        if getattr(ctx, "from_y", False) and "inplace operation" in str(e):
+            raise RuntimeError(f"{INPLACE_HINT} ({e})") from e
+        raise
+
+
 class DoRAFunction(torch.autograd.Function):
     """Fused DoRA linear on 2-D x, as a plain ``autograd.Function`` (eager only; ``dora_linear``
     goes through the ``torch.library`` op instead, which ``torch.compile`` sees as one node).
 
-    Saves x, xa (N, R) fp32, the norm (M,) fp32 and one (N, M) tensor: u = x·W0ᵀ + s·xa·Bᵀ
-    (ũ with dropout). Not the output y: that stays free for in-place use downstream."""
+    Saves x, xa (N, R), the norm (M,) fp32 and, without dropout, the output y (u = (y − bias)/g
+    stands in for u = x·W0ᵀ + s·xa·Bᵀ, so the step keeps no (N, M) tensor besides its output);
+    with dropout or ``save_output=False``, u (ũ) instead, and y stays free for in-place use."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, norm_grad, norm):
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, norm_grad, norm,
+                save_output=True):
         with_wa = norm_grad == "exact" and (lora_A.requires_grad or lora_B.requires_grad)
+        from_y = bool(save_output) and p == 0
         y, xa, u, norm, wa = fused_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, with_wa,
-                                           norm)
-        ctx.scaling, ctx.p, ctx.seed, ctx.exact = scaling, p, seed, with_wa
-        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa)
+                                           norm, need_u=not from_y)
+        ctx.scaling, ctx.p, ctx.seed, ctx.exact, ctx.from_y = scaling, p, seed, with_wa, from_y
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, bias, norm, xa, y if from_y else u, wa)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa = ctx.saved_tensors
+        x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa = saved_or_hint(ctx)
         need_dx, _, need_a, need_b, need_m, need_bias = ctx.needs_input_grad[:6]
         grads = fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa, ctx.scaling, ctx.p,
                                ctx.seed, exact=ctx.exact, need_dx=need_dx, need_a=need_a, need_b=need_b,
-                               need_m=need_m, need_bias=need_bias)
+                               need_m=need_m, need_bias=need_bias, from_y=ctx.from_y)
         dx, dA, dB, dm, dbias = grads
-        return dx, None, dA, dB, dm, dbias, None, None, None, None, None
+        return dx, None, dA, dB, dm, dbias, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +516,7 @@ def _autocast(x, weight, bias):
 
 
 def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dropout_p=0.0, training=True,
-                norm_grad="detached", dropout_seed=None, weight_norm=None):
+                norm_grad="detached", dropout_seed=None, weight_norm=None, save_output=True):
     """Fused DoRA linear, differentiable in x, lora_A, lora_B, magnitude (and bias).
 
     x: (..., in); weight: (out, in), any strided view (not copied); bias: (out,) or None;
@@ -468,6 +532,9 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     ``dropout_seed`` fixes the in-kernel dropout mask (see ``dropout_mask``); by default it is
     drawn from torch's CPU generator, so checkpointing's RNG restore replays it.
     ``weight_norm`` (out,) fp32: a norm computed earlier for these weights (eval caching).
+    ``save_output``: without dropout the backward reads the output y (its memory is held anyway
+    wherever the next op keeps it), not a second (…, out) tensor; pass False where y is then
+    modified in place (the backward would otherwise raise): u = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ is saved instead.
     """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
         x, weight, bias = _autocast(x, weight, bias)
@@ -486,9 +553,10 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
                          f"got {_name_of(weight_norm)}")
     with_wa = (norm_grad == "exact" and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad))
     with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else _null():
-        need_u = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, lora_A, lora_B, magnitude))
+        need = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, lora_A, lora_B, magnitude))
+        save_y = need and bool(save_output) and p == 0
         y = _library.dora_fwd(x2, weight, lora_A, lora_B, magnitude, bias, weight_norm, seed, scaling, p, with_wa,
-                              need_u)[0]
+                              need and not save_y, save_y)[0]
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -53,6 +53,7 @@ class Case:
     dropout: bool = False
     norm_grad: str = "detached"
     scaling: float = 2.0
+    small_m: bool = False  # |m| ≪ n on a few rows, m = 0 on some, a large bias (the backward makes u again there)
 
     @property
     def id(self):
@@ -63,6 +64,8 @@ class Case:
             s += "-drop"
         if self.norm_grad != "detached":
             s += f"-{self.norm_grad}"
+        if self.small_m:
+            s += "-small_m"
         return s
 
     @property
@@ -92,6 +95,7 @@ def cases(device: str, quick: bool) -> list:
             out.append(Case(*shape, d, bias="grad" if j % 2 else "frozen", dropout=True))
             if j == 0:
                 out.append(Case(*shape, d, bias="frozen", norm_grad="exact"))
+                out.append(Case(*shape, d, bias="frozen", small_m=True))
     return out
 
 
@@ -111,6 +115,10 @@ def _values(case: Case, seed: int) -> dict:
     norm = torch.linalg.vector_norm(w.double() + s * B.double() @ A.double(), dim=1)
     m = norm * (0.5 + torch.rand(o, generator=gen, dtype=torch.float64))
     bias = torch.randn(o, generator=gen) * 0.1
+    if case.small_m:
+        m[::7] = 0
+        m[3::7] *= -0.05
+        bias *= 30
     G = torch.randn(case.n, o, generator=gen)
     return {"x": x.to(base), "weight": w.to(base), "lora_A": A.to(adapter), "lora_B": B.to(adapter),
             "magnitude": m.to(adapter), "bias": bias.to(base) if case.bias != "none" else None, "G": G.to(base)}

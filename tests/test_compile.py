@@ -75,7 +75,7 @@ def assert_all_close(got, want, **tol):
 # ---------------------------------------------------------------------------------------------
 # the registered ops
 
-def _fwd_args(device, *, p, bias, with_wa, norm, dtype=torch.float32):
+def _fwd_args(device, *, p, bias, with_wa, norm, dtype=torch.float32, save_y=False):
     torch.manual_seed(0)
     x = torch.randn(9, K_, device=device, dtype=dtype, requires_grad=True)
     w = torch.randn(M_, K_, device=device, dtype=dtype) / 4
@@ -85,7 +85,7 @@ def _fwd_args(device, *, p, bias, with_wa, norm, dtype=torch.float32):
     b = torch.randn(M_, device=device, dtype=dtype) if bias else None
     n = dora_kernels.weight_norm(w, A.detach(), B.detach(), 2.0)[0] if norm else None
     seed = torch.tensor([7]) if p > 0 else None
-    return (x, w, A, B, m, b, n, seed, 2.0, p, with_wa, True)
+    return (x, w, A, B, m, b, n, seed, 2.0, p, with_wa, not save_y, save_y)
 
 
 @pytest.mark.parametrize("case", [
@@ -94,19 +94,21 @@ def _fwd_args(device, *, p, bias, with_wa, norm, dtype=torch.float32):
     dict(p=0.0, bias=False, with_wa=True, norm=False),
     dict(p=0.0, bias=True, with_wa=False, norm=True),
     dict(p=0.3, bias=True, with_wa=False, norm=False, dtype=torch.bfloat16),
-], ids=["p0-bias", "p0.3", "exact", "given-norm", "p0.3-bf16-f32adapters"])
+    dict(p=0.0, bias=True, with_wa=False, norm=False, save_y=True),
+    dict(p=0.0, bias=False, with_wa=True, norm=False, save_y=True),
+], ids=["p0-bias", "p0.3", "exact", "given-norm", "p0.3-bf16-f32adapters", "p0-bias-save_y", "exact-save_y"])
 def test_opcheck(case, backend):
     args = _fwd_args(backend, **case)
     torch.library.opcheck(torch.ops.dora_kernels.dora_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                                       "test_aot_dispatch_dynamic"))
-    x, w, A, B, m, b, n, seed, s, p, with_wa, need_u = args
+    x, w, A, B, m, b, n, seed, s, p, with_wa, need_u, save_y = args
     y, xa, u, norm, wa = torch.ops.dora_kernels.dora_fwd(*args)
     if n is not None and not with_wa:
         norm = n  # a given norm is used, not returned
     grad = torch.randn_like(y)
-    bwd_args = (grad, x.detach(), w, A.detach(), B.detach(), m.detach(), b, norm, xa, u,
-                wa if with_wa else None, seed, s, p, with_wa, True, True, True, True, b is not None)
+    bwd_args = (grad, x.detach(), w, A.detach(), B.detach(), m.detach(), b, norm, xa, y.detach() if save_y else u,
+                wa if with_wa else None, seed, s, p, with_wa, True, True, True, True, b is not None, save_y)
     torch.library.opcheck(torch.ops.dora_kernels.dora_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -697,3 +697,47 @@ def test_peft_dora_caching_is_honoured(monkeypatch):
             assert len(calls) == 8 and len(norms) == 2 and not any(caches)
     finally:
         DoraCaching()(enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# save_output: models that modify a DoRA layer's output in place
+
+class InplaceTiny(Tiny):
+    def forward(self, x):
+        return self.lin1(self.lin0(x).relu_())
+
+
+@pytest.mark.parametrize("kind", ["peft", "reference"])
+def test_fuse_save_output_false_for_inplace_models(kind):
+    """A model that runs relu_ on a DoRA layer's output: fused with the default the backward
+    raises naming save_output; fuse(model, save_output=False) matches PEFT; unfuse clears it."""
+    torch.manual_seed(0)
+    if kind == "peft":
+        ref = get_peft_model(InplaceTiny().to(DEVICE), dora_config())
+        perturb_magnitudes(ref)
+        layers = [LIN0, LIN1]
+    else:
+        ref = nn.Sequential(reference.DoRALinear(IN, HID), nn.ReLU(inplace=True), reference.DoRALinear(HID, OUT))
+        ref = ref.to(DEVICE)
+        with torch.no_grad():
+            for m in (ref[0], ref[2]):
+                m.lora_B.normal_()
+        layers = ["0", "2"]
+    model = copy.deepcopy(ref)
+    x = torch.randn(6, IN, device=DEVICE)
+    grad_out = torch.randn(6, OUT, device=DEVICE)
+    dora_kernels.fuse(model)
+    assert dora_kernels.fused_layers(model) == layers
+    with pytest.raises(RuntimeError, match="save_output=False"):
+        run(model, x, grad_out)
+    model.zero_grad(set_to_none=True)
+    dora_kernels.fuse(model, save_output=False)  # on a fused model: sets the switch on every fused layer
+    y, dx, grads = run(model, x, grad_out)
+    y_ref, dx_ref, grads_ref = run(ref, x, grad_out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    dora_kernels.unfuse(model)
+    assert not any("_dora_kernels_save_output" in vars(m) or "save_output" in vars(m) for m in model.modules())

@@ -233,9 +233,12 @@ def _drop_kwargs(case: Case, seed: int):
     return {}, {}
 
 
-def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detached"):
-    """Run the op, the same-dtype reference and the float64 reference; compare all outputs."""
+def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detached", edit=None, save_output=True):
+    """Run the op, the same-dtype reference and the float64 reference; compare all outputs.
+    ``edit(v)`` changes the inputs in place first."""
     v = _values(case, seed)
+    if edit is not None:
+        edit(v)
     op_kw, ref_kw = _drop_kwargs(case, 1000 + seed)
     if case.drop == "train":
         ref_kw["dropout_mask"] = dora_kernels.dropout_mask(op_kw["dropout_seed"], v["x"].shape, P_DROP, device)
@@ -244,7 +247,7 @@ def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detache
         ref_kw["detach_norm"] = False
 
     t = _op_tensors(case, v, device)
-    y, grads = _forward_backward(dora_kernels.dora_linear, t, case.scaling, **op_kw)
+    y, grads = _forward_backward(dora_kernels.dora_linear, t, case.scaling, save_output=save_output, **op_kw)
     y_ref, grads_ref = _forward_backward(reference.dora_linear, _ref_tensors(case, v, device), case.scaling,
                                          **ref_kw)
     y64, grads64 = _forward_backward(reference.dora_linear, _ref_tensors(case, v, device, torch.float64),
@@ -268,7 +271,7 @@ def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detache
     # ulps in x's dtype. With dropout ũ is saved in the adapters' dtype: no allowance there.
     via_y = {"magnitude"} | ({"lora_A", "lora_B"} if norm_grad == "exact" else set())
     for k in grads_ref:
-        ulp_dtype = base if (k in via_y and case.drop != "train") else None
+        ulp_dtype = base if (k in via_y and case.drop != "train" and save_output) else None
         assert_close_to_f64(grads[k], grads_ref[k], grads64[k], name=f"d{k}", dtype=ulp_dtype)
     return y, grads
 
@@ -422,6 +425,106 @@ def test_zero_norm_row(backend, drop, norm_grad):
         assert_close_to_f64(grads[k], g_ref[k], g64[k], name=f"d{k}")
     for k in ("lora_B", "magnitude", "bias"):
         assert_close_to_f64(grads[k][keep], g_ref[k], g64[k], name=f"d{k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# what the backward reads: the output y (p = 0), or u
+
+def _zero_some_magnitudes(v):
+    m = v["magnitude"].clone()
+    m[[0, 3, -1]] = 0
+    v["magnitude"] = m
+
+
+def _shrink_some_magnitudes(v):
+    """m = 0 on three rows, |m| ≪ n on two more (one negative), and a bias that dominates y."""
+    _zero_some_magnitudes(v)
+    m = v["magnitude"]
+    m[1] *= 0.03
+    m[4] *= -0.2
+    if v.get("bias") is not None:
+        v["bias"] = v["bias"] * 30
+
+
+@pytest.mark.parametrize("norm_grad", ["detached", "exact"])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in [
+    Case((37,), 45, 70, 5, "f32", "grad"),
+    Case((37,), 45, 70, 5, "f16", "frozen", "none", "w-T"),
+    Case((70,), 45, 36, 20, "bf16", "frozen", "none", "x-T"),
+    Case((9,), 33, 40, 3, "bf16+f32", "none"),
+    Case((13,), 33, 40, 3, "f16", "frozen", "eval"),
+]])
+def test_small_magnitude_rows(case, backend, norm_grad):
+    """Rows with |m| ≪ n: the saved output carries u there not at all (m = 0: y = bias) or too
+    coarsely ((y − bias) / g with a large bias and a small g), so the backward makes u again for
+    those rows; dm (and the exact norm gradient built on it) must match."""
+    y, grads = check_parity(case, backend, norm_grad=norm_grad, edit=_shrink_some_magnitudes)
+    assert torch.count_nonzero(grads["magnitude"][[0, 3, -1]]) == 3, "dm of a zero-magnitude row is not made"
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in [
+    Case((37,), 100, 72, 8, "bf16", "grad", "none", "x-rowpad"),
+    Case((13,), 130, 150, 5, "f16+f32", "frozen", "eval"),
+    Case((9,), 17, 5, 12, "f32", "none", "none", "w-T"),
+]])
+def test_parity_save_output_false(case, backend):
+    check_parity(case, backend, save_output=False)
+    check_parity(case, backend, save_output=False, norm_grad="exact", edit=_zero_some_magnitudes)
+
+
+def _saved_during(fn):
+    """(result of fn(), the tensors autograd packed while it ran)."""
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = fn()
+    return out, packed
+
+
+@pytest.mark.parametrize("drop, save_output, saves", [
+    ("none", True, "y"), ("eval", True, "y"), ("none", False, "u"), ("train", True, "u"), ("train", False, "u"),
+])
+def test_backward_saves_one_tokens_by_out_tensor(backend, drop, save_output, saves):
+    """Without dropout the op keeps its output for the backward and no other (N, out) tensor;
+    with dropout or save_output=False, u (ũ) and not the output."""
+    case = Case((11,), 20, 13, 3, "bf16", "frozen", drop)
+    v = _values(case, 0)
+    t = _op_tensors(case, v, backend)
+    op_kw, _ = _drop_kwargs(case, 5)
+    y, packed = _saved_during(lambda: dora_kernels.dora_linear(
+        t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0, t["bias"], save_output=save_output,
+        **op_kw))
+    big = [p for p in packed if p.shape == y.shape]
+    assert len(big) == 1, [tuple(p.shape) for p in packed]
+    is_y = big[0].untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    assert is_y == (saves == "y")
+    # Besides the inputs and that tensor: xa (N, r), the norm (out,) and the seed.
+    inputs = {t[k].untyped_storage().data_ptr() for k in ("x", "weight", "lora_A", "lora_B", "magnitude", "bias")
+              if t[k] is not None}
+    rest = [p for p in packed if p is not None and p is not big[0] and p.untyped_storage().data_ptr() not in inputs]
+    assert sum(p.numel() for p in rest) <= 11 * 3 + 13 + 1, [tuple(p.shape) for p in rest]
+    y.backward(t["G"].to(y.dtype))  # and the backward runs on what was saved
+    assert torch.isfinite(t["magnitude"].grad).all()
+
+
+def test_dorafunction_apply_save_output(backend):
+    """The public autograd.Function: both save modes give the functional op's gradients."""
+    case = Case((7,), 21, 9, 3, "f32", "frozen")
+    v = _values(case, 1)
+    want = None
+    for save_output in (True, False, None):
+        t = _op_tensors(case, v, backend)
+        args = (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], t["bias"], 2.0, 0.0, 0, "detached",
+                None)
+        if save_output is None:
+            y = dora_kernels.dora_linear(*args[:5], 2.0, t["bias"])
+        else:
+            y = dora_kernels.DoRAFunction.apply(*args, save_output)
+        y.backward(t["G"])
+        got = [y.detach()] + [t[k].grad for k in ("x", "lora_A", "lora_B", "magnitude")]
+        if want is None:
+            want = got
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
