@@ -56,11 +56,14 @@ def test_saved_for_backward(rows):
     fused, dora, lora = (_one(rows, p, "fwd")["saved_bytes"] for p in ("fused", "peft_dora", "peft_lora"))
     assert dora > fused > 0
     assert fused >= lora
-    assert _one(rows, "linear", "fwd")["saved_bytes"] == 0  # W0 is a parameter; x needs no saving for dx
-    # fused saves x and u (bf16, (N, in) and (N, out)), x·Aᵀ (the adapters' dtype, bf16 here)
-    # and the norm (fp32): parameters excluded
     n, k, m, r = 256, 1024, 1024, 16
+    # W0 is a parameter and x needs no saving for dx: the output alone
+    assert _one(rows, "linear", "fwd")["saved_bytes"] == 2 * n * m
+    # fused saves x and its output y (bf16, (N, in) and (N, out)), x·Aᵀ (the adapters' dtype, bf16
+    # here) and the norm (fp32): parameters excluded, y counted once
     assert fused == 2 * n * k + 2 * n * m + 2 * n * r + 4 * m
+    # PEFT's LoRA: x, x·Aᵀ and the output; the fused op adds the norm only
+    assert fused - lora == 4 * m
 
 
 def test_peft_dora_matches_the_reference(rows):
