@@ -241,13 +241,13 @@ def _bwd_g_kernel(
     dm_ptr,  # out (T, M) fp32: per token group, Σ_tokens G ⊙ u
     db_ptr,  # out (T, M, R) fp32: per token group, (G ⊙ g)ᵀ·xa
     g_ptr, stride_gn, stride_gm,  # G = dL/dy: token, column
-    u_ptr, stride_un, stride_um,  # u (ũ with dropout), or y with FROM_Y, saved by the forward
+    u_ptr, stride_un, stride_um,  # u (ũ with dropout), or y with FROM_Y (no bias), saved by the forward
     xa_ptr,  # (N, R), contiguous
     b_ptr, stride_bm, stride_br,  # B: row, rank
-    mag_ptr, norm_ptr, bias_ptr,  # (M,) each
+    mag_ptr, norm_ptr,  # (M,) each
     N, M, R, TOK_PER_PROG, COL_PER_PROG,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    FROM_Y: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    FROM_Y: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
     # One pass over G. Program (t, s, c) covers TOK_PER_PROG tokens × COL_PER_PROG columns ×
     # one rank chunk; it owns its slices of the dm/dB partials (read-modify-write, no races).
@@ -295,13 +295,9 @@ def _bwd_g_kernel(
                               other=0.0).to(tl.float32)
                 b_dm = tl.sum(b_G.to(tl.float32) * b_u, axis=0)
                 if FROM_Y:
-                    # u = (y − bias) / g: Σ G ⊙ u = (Σ G ⊙ y − bias · Σ G) / g per column (no
-                    # extra tile-sized values). Columns with g = 0 add nothing: dm is 0 where
-                    # n = 0, and the finalize kernel makes the rows with |m| < G_REDO · n (g = 0
-                    # there, or y too coarse a copy of g·u) again from x and W0.
-                    if HAS_BIAS:
-                        b_dm -= tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32) * tl.sum(
-                            b_G.to(tl.float32), axis=0)
+                    # No bias (the op saves y only then): u = y / g, so Σ G ⊙ u = Σ G ⊙ y / g per
+                    # column. Columns with g = 0 add nothing: dm is 0 where n = 0, and the finalize
+                    # kernel makes the rows with |m| < G_REDO · n again from x and W0.
                     b_dm *= tl.where(b_g != 0, 1.0 / tl.where(b_g != 0, b_g, 1.0), 0.0)
                 p_dm = dm_ptr + pid_t * M + o_m
                 b_dm += tl.load(p_dm, mask=m_m & m_prev, other=0.0)
@@ -423,10 +419,9 @@ def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, 
                   FB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
                   UPCAST: tl.constexpr, PREC: tl.constexpr, G_REDO: tl.constexpr):
     # dm = Σ_tokens G ⊙ u / n for the rows j0 .. j0 + FB with |m| < G_REDO · n, n > 0, where the
-    # saved output y = g·u + bias carries u too coarsely (not at all where m = 0; with an error of
-    # |bias| / g times y's rounding otherwise): u = x·W0ᵀ + s·xa·Bᵀ is made again for those rows
-    # (rare: DoRA starts at m = n and stays near it). The loops are not software-pipelined (that
-    # made ptxas spill).
+    # saved output y = g·u carries u too coarsely (not at all where m = 0; below fp16's normal
+    # range sooner than u): u = x·W0ᵀ + s·xa·Bᵀ is made again for those rows (rare: DoRA starts
+    # at m = n and stays near it). The loops are not software-pipelined (that made ptxas spill).
     o_j = j0 + tl.arange(0, FB)
     m_j = o_j < M
     b_nrm = tl.load(norm_ptr + o_j, mask=m_j, other=1.0)

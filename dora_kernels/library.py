@@ -8,7 +8,7 @@ chosen at run time on real tensors exactly as in eager mode):
   (``ops.xa_dtype``); u = x̃·W0ᵀ + s·xa·Bᵀ (N, M) when ``need_u`` (x's dtype; with dropout the wider of x's
   and the adapters'), else empty;
   norm (M,) fp32; wa = W0·Aᵀ (M, R) fp32 for the exact norm gradient, else empty. ``save_y``
-  (p = 0, instead of ``need_u``): the backward reads y, u = (y − bias)/g. ``seed``
+  (p = 0 and no bias, instead of ``need_u``): the backward reads y, u = y/g. ``seed``
   is a CPU int64 tensor of one element (None without dropout), so a compiled graph keeps the
   dropout draw inside the graph.
 - ``dora_kernels::dora_bwd(...) -> (dx, dA, dB, dm, dbias)``, empty where not needed.

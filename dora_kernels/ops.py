@@ -233,20 +233,19 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p
 # ---------------------------------------------------------------------------------------------
 # backward
 
-# With the output y saved, the backward makes u = x·W0ᵀ + s·xa·Bᵀ again (instead of (y − bias)/g)
-# for the rows with |m| < G_REDO · n: there y's rounding, divided by g, would cost dm up to
-# 1/G_REDO times the precision of a saved u when a bias dominates y.
+# With the output y saved (no bias), the backward makes u = x·W0ᵀ + s·xa·Bᵀ again instead of
+# y / g for the rows with |m| < G_REDO · n: y = g·u holds no u where m = 0, and a small g takes
+# y below fp16's normal range sooner than u.
 G_REDO = 0.25
 
 
 def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u, *, p=0.0, seed=0,
-                  need_dx=True, from_y=False, bias=None):
+                  need_dx=True, from_y=False):
     """Gradients of the detached-norm DoRA linear from G = dL/dy (N, M) and the forward's u.
 
-    With ``from_y`` (p = 0 only) ``u`` is the forward's output y and ``bias`` its bias:
-    u = (y − bias) / g, made again from x and W0 instead for the rows with |m| < G_REDO · n, n > 0
-    (there y carries u too coarsely: not at all where m = 0, with |bias| / g times y's rounding
-    error otherwise).
+    With ``from_y`` (p = 0 and no bias only) ``u`` is the forward's output y: u = y / g, made
+    again from x and W0 instead for the rows with |m| < G_REDO · n, n > 0 (see ``G_REDO``).
+    With a bias, y − bias would lose u's low bits wherever the bias dominates y, so the op saves u.
     Returns ``(dx or None, dA, dB, dm)``: dx in x's dtype, dA, dB and dm (= Σ_tokens G ⊙ u / n,
     0 where n = 0) in the dtypes of lora_A, lora_B and magnitude.
     """
@@ -268,7 +267,6 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
         inv_n = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
         uf = u.float()
         if from_y:
-            uf = (uf - bias.float()) if bias is not None else uf
             uf = uf * torch.where(g != 0, 1.0 / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
         dm = (G * uf).sum(0) * inv_n
         if from_y:
@@ -303,15 +301,12 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
     dm_part = torch.empty((T, M), dtype=torch.float32, device=dev)
     db_part = torch.empty((T, M, R), dtype=torch.float32, device=dev)
     meta = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_R", "num_warps", "num_stages")}
-    has_bias = from_y and bias is not None
-    bias = bias.contiguous() if has_bias else None
-    meta.update(FROM_Y=from_y, HAS_BIAS=has_bias, SPLIT=_split(x.dtype), PREC=_prec())
+    meta.update(FROM_Y=from_y, SPLIT=_split(x.dtype), PREC=_prec())
     launch(K_._bwd_g_kernel, (T, S, RC),
            (gb, dm_part, db_part, grad, *grad.stride(), u, *u.stride(), xa, lora_B, *lora_B.stride(),
-            magnitude, norm, bias if has_bias else norm, N, M, R, cfg["TOK_PER_PROG"], cfg["COL_PER_PROG"]),
-           meta, flops=4 * N * M * R + (7 if from_y else 5) * N * M,
-           reads=[grad, u, xa, lora_B, magnitude, norm] + ([bias] if has_bias else []),
-           writes=[gb, dm_part, db_part])
+            magnitude, norm, N, M, R, cfg["TOK_PER_PROG"], cfg["COL_PER_PROG"]),
+           meta, flops=4 * N * M * R + (6 if from_y else 5) * N * M,
+           reads=[grad, u, xa, lora_B, magnitude, norm], writes=[gb, dm_part, db_part])
 
     meta = H.dx_config(N, K, M, R, x.dtype, arch, dropout=p > 0, need_dx=need_dx)
     dx = torch.empty((N, K), dtype=x.dtype, device=dev) if need_dx else None
@@ -374,11 +369,13 @@ def fused_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, 
 def fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u, wa, scaling, p, seed, *,
                    exact, need_dx, need_a, need_b, need_m, need_bias, from_y=False):
     """Gradients ``(dx, dA, dB, dm, dbias)`` (None where not needed) from what the forward saved:
-    ``u`` (ũ with dropout; the output y with ``from_y``); ``wa`` = W0·Aᵀ when ``exact`` (the
-    norm is differentiated)."""
+    ``u`` (ũ with dropout; the output y with ``from_y``, which needs p = 0 and no bias); ``wa`` =
+    W0·Aᵀ when ``exact`` (the norm is differentiated)."""
+    if from_y and bias is not None:
+        raise ValueError("fused_backward: from_y needs no bias (the forward saves u where there is one)")
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
     dx, dA, dB, dm = dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u, p=p,
-                                   seed=seed, need_dx=need_dx, from_y=from_y, bias=bias)
+                                   seed=seed, need_dx=need_dx, from_y=from_y)
     s = scaling
     if exact and (need_a or need_b):
         # n depends on A and B: dn_j = −(m_j / n_j) · dm_j; with V = W0 + s·B·A,
@@ -416,15 +413,15 @@ class DoRAFunction(torch.autograd.Function):
     """Fused DoRA linear on 2-D x, as a plain ``autograd.Function`` (eager only; ``dora_linear``
     goes through the ``torch.library`` op instead, which ``torch.compile`` sees as one node).
 
-    Saves x, xa (N, R), the norm (M,) fp32 and, without dropout, the output y (u = (y − bias)/g
+    Saves x, xa (N, R), the norm (M,) fp32 and, without dropout or bias, the output y (u = y/g
     stands in for u = x·W0ᵀ + s·xa·Bᵀ, so the step keeps no (N, M) tensor besides its output);
-    with dropout or ``save_output=False``, u (ũ) instead, and y stays free for in-place use."""
+    with dropout, a bias or ``save_output=False``, u (ũ) instead, and y stays free for in-place use."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, norm_grad, norm,
                 save_output=True):
         with_wa = norm_grad == "exact" and (lora_A.requires_grad or lora_B.requires_grad)
-        from_y = bool(save_output) and p == 0
+        from_y = bool(save_output) and p == 0 and bias is None
         y, xa, u, norm, wa = fused_forward(x, weight, lora_A, lora_B, magnitude, bias, scaling, p, seed, with_wa,
                                            norm, need_u=not from_y)
         ctx.scaling, ctx.p, ctx.seed, ctx.exact, ctx.from_y = scaling, p, seed, with_wa, from_y
@@ -532,9 +529,11 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     ``dropout_seed`` fixes the in-kernel dropout mask (see ``dropout_mask``); by default it is
     drawn from torch's CPU generator, so checkpointing's RNG restore replays it.
     ``weight_norm`` (out,) fp32: a norm computed earlier for these weights (eval caching).
-    ``save_output``: without dropout the backward reads the output y (its memory is held anyway
-    wherever the next op keeps it), not a second (…, out) tensor; pass False where y is then
-    modified in place (the backward would otherwise raise): u = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ is saved instead.
+    ``save_output``: without dropout and bias the backward reads the output y (its memory is held
+    anyway wherever the next op keeps it), not a second (…, out) tensor; pass False where y is then
+    modified in place (the backward would otherwise raise): u = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ is saved
+    instead. With a bias u is always saved (y − bias would lose u's low bits where the bias
+    dominates y).
     """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
         x, weight, bias = _autocast(x, weight, bias)
@@ -554,7 +553,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     with_wa = (norm_grad == "exact" and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad))
     with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else _null():
         need = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, lora_A, lora_B, magnitude))
-        save_y = need and bool(save_output) and p == 0
+        save_y = need and bool(save_output) and p == 0 and bias is None
         y = _library.dora_fwd(x2, weight, lora_A, lora_B, magnitude, bias, weight_norm, seed, scaling, p, with_wa,
                               need and not save_y, save_y)[0]
     return y.reshape(*lead, weight.shape[0])

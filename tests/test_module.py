@@ -241,22 +241,26 @@ def test_constructor_rejects_bad_arguments(kwargs, name):
 
 
 def test_inplace_op_on_output_raises_with_a_hint_by_default():
-    # Without dropout the op saves its output for the backward (u = (y − bias)/g): an in-place
+    # Without dropout and bias the op saves its output for the backward (u = y/g): an in-place
     # op on it afterwards is caught by autograd, and the error names the way out.
-    layer = dora_kernels.DoRALinear(8, 5, r=3)
+    layer = dora_kernels.DoRALinear(8, 5, r=3, bias=False)
     x = torch.randn(4, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="save_output=False"):
         layer(x).relu_().sum().backward()
+    # With a bias it saves u: the output is free.
+    layer = dora_kernels.DoRALinear(8, 5, r=3, bias=True)
+    layer(x).relu_().sum().backward()
+    assert x.grad is not None and layer.magnitude.grad is not None
 
 
 def test_inplace_op_on_output_keeps_gradients_with_save_output_false():
     # save_output=False saves u instead: an in-place op downstream (ReLU(inplace=True)) is fine.
     torch.manual_seed(3)
-    layer = dora_kernels.DoRALinear(8, 5, r=3, save_output=False)
+    layer = dora_kernels.DoRALinear(8, 5, r=3, bias=False, save_output=False)
     assert not layer.save_output
     with torch.no_grad():
         layer.lora_B.normal_()
-    ref = reference.DoRALinear(8, 5, r=3)
+    ref = reference.DoRALinear(8, 5, r=3, bias=False)
     ref.load_state_dict(layer.state_dict())
     x = torch.randn(4, 8)
     grads = []

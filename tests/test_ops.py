@@ -262,16 +262,17 @@ def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detache
         assert g.dtype == want_dtype[k], f"d{k} has dtype {g.dtype}, want {want_dtype[k]}"
 
     assert_close_to_f64(y, y_ref, y64, name="y")
-    # Without dropout the backward recovers u = (y − bias)/g from y, which is stored in x's dtype
-    # (the memory design: one (N, out) tensor saved). So the gradients built on u (dm, and with
-    # the exact norm gradient dA and dB through c = −m/n² · dm) carry one rounding of x's dtype
-    # per element even when they are fp32 (wider adapters), and under the interpreter that
-    # rounding is a truncation. PEFT's dm carries a rounding of the same size, but of x·W0ᵀ, not
-    # of y, so k alone does not bound the ratio on small problems: those gradients get their few
-    # ulps in x's dtype. With dropout ũ is saved in the adapters' dtype: no allowance there.
+    # Without dropout the backward reads u from a tensor stored in x's dtype: the output y (no
+    # bias: u = y/g) or u itself (the memory design: one (N, out) tensor saved). So the gradients
+    # built on u (dm, and with the exact norm gradient dA and dB through c = −m/n² · dm) carry one
+    # rounding of x's dtype per element even when they are fp32 (wider adapters), and under the
+    # interpreter that rounding is a truncation. PEFT's dm carries a rounding of the same size,
+    # but of x·W0ᵀ + bias, not of y or u, so k alone does not bound the ratio on small problems:
+    # those gradients get their few ulps in x's dtype. With dropout ũ is saved in the adapters'
+    # dtype: no allowance there.
     via_y = {"magnitude"} | ({"lora_A", "lora_B"} if norm_grad == "exact" else set())
     for k in grads_ref:
-        ulp_dtype = base if (k in via_y and case.drop != "train" and save_output) else None
+        ulp_dtype = base if (k in via_y and case.drop != "train") else None
         assert_close_to_f64(grads[k], grads_ref[k], grads64[k], name=f"d{k}", dtype=ulp_dtype)
     return y, grads
 
@@ -448,16 +449,18 @@ def _shrink_some_magnitudes(v):
 
 @pytest.mark.parametrize("norm_grad", ["detached", "exact"])
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in [
-    Case((37,), 45, 70, 5, "f32", "grad"),
-    Case((37,), 45, 70, 5, "f16", "frozen", "none", "w-T"),
-    Case((70,), 45, 36, 20, "bf16", "frozen", "none", "x-T"),
+    Case((37,), 45, 70, 5, "f32", "none"),
+    Case((37,), 45, 70, 5, "f16", "none", "none", "w-T"),
+    Case((70,), 45, 36, 20, "bf16", "none", "none", "x-T"),
     Case((9,), 33, 40, 3, "bf16+f32", "none"),
+    Case((13,), 33, 40, 3, "f16", "none", "eval"),
+    Case((37,), 45, 70, 5, "bf16", "grad"),  # a bias: u is saved, not y
     Case((13,), 33, 40, 3, "f16", "frozen", "eval"),
 ]])
 def test_small_magnitude_rows(case, backend, norm_grad):
-    """Rows with |m| ≪ n: the saved output carries u there not at all (m = 0: y = bias) or too
-    coarsely ((y − bias) / g with a large bias and a small g), so the backward makes u again for
-    those rows; dm (and the exact norm gradient built on it) must match."""
+    """Rows with |m| ≪ n: the saved output y = g·u carries u there not at all (m = 0) or too
+    coarsely, so the backward makes u again for those rows; dm (and the exact norm gradient
+    built on it) must match. With a (large) bias the op saves u: the same rows must match too."""
     y, grads = check_parity(case, backend, norm_grad=norm_grad, edit=_shrink_some_magnitudes)
     assert torch.count_nonzero(grads["magnitude"][[0, 3, -1]]) == 3, "dm of a zero-magnitude row is not made"
 
@@ -480,13 +483,15 @@ def _saved_during(fn):
     return out, packed
 
 
-@pytest.mark.parametrize("drop, save_output, saves", [
-    ("none", True, "y"), ("eval", True, "y"), ("none", False, "u"), ("train", True, "u"), ("train", False, "u"),
+@pytest.mark.parametrize("drop, bias, save_output, saves", [
+    ("none", "none", True, "y"), ("eval", "none", True, "y"), ("none", "none", False, "u"),
+    ("none", "frozen", True, "u"), ("eval", "grad", True, "u"), ("train", "none", True, "u"),
+    ("train", "frozen", False, "u"),
 ])
-def test_backward_saves_one_tokens_by_out_tensor(backend, drop, save_output, saves):
-    """Without dropout the op keeps its output for the backward and no other (N, out) tensor;
-    with dropout or save_output=False, u (ũ) and not the output."""
-    case = Case((11,), 20, 13, 3, "bf16", "frozen", drop)
+def test_backward_saves_one_tokens_by_out_tensor(backend, drop, bias, save_output, saves):
+    """Without dropout and bias the op keeps its output for the backward and no other (N, out)
+    tensor; with dropout, a bias or save_output=False, u (ũ) and not the output."""
+    case = Case((11,), 20, 13, 3, "bf16", bias, drop)
     v = _values(case, 0)
     t = _op_tensors(case, v, backend)
     op_kw, _ = _drop_kwargs(case, 5)
@@ -513,6 +518,7 @@ def test_dorafunction_apply_save_output(backend):
     want = None
     for save_output in (True, False, None):
         t = _op_tensors(case, v, backend)
+        t["bias"] = None  # the op saves y only without a bias
         args = (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], t["bias"], 2.0, 0.0, 0, "detached",
                 None)
         if save_output is None:
