@@ -16,6 +16,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -104,8 +106,9 @@ def run(model, x, grad_out):
     return y.detach(), x.grad, grads
 
 
-def assert_matches_peft(fused, ref, ref64, x, *, k=3.0):
-    """fused vs unfused PEFT (same dtypes) vs unfused PEFT in float64: output, dx, grads."""
+def assert_matches_peft(fused, ref, ref64, x, *, k=3.0, ulp_dtypes=None):
+    """fused vs unfused PEFT (same dtypes) vs unfused PEFT in float64: output, dx, grads.
+    ``ulp_dtypes``: parameter name -> the dtype whose ulps its gradient may carry (else its own)."""
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         out = ref(x)
@@ -122,7 +125,8 @@ def assert_matches_peft(fused, ref, ref64, x, *, k=3.0):
     assert grads and grads.keys() == grads_ref.keys()
     for name, g in grads.items():
         assert g is not None and g.dtype == grads_ref[name].dtype, name
-        assert_close_to_f64(g, grads_ref[name], grads64[name], name=name, k=k)
+        assert_close_to_f64(g, grads_ref[name], grads64[name], name=name, k=k,
+                            dtype=(ulp_dtypes or {}).get(name))
 
 
 def copies(model):
@@ -713,11 +717,12 @@ def test_fuse_save_output_false_for_inplace_models(kind):
     raises naming save_output; fuse(model, save_output=False) matches PEFT; unfuse clears it."""
     torch.manual_seed(0)
     if kind == "peft":
-        ref = get_peft_model(InplaceTiny().to(DEVICE), dora_config())
+        ref = get_peft_model(InplaceTiny(bias=False).to(DEVICE), dora_config())  # with a bias u is saved
         perturb_magnitudes(ref)
         layers = [LIN0, LIN1]
     else:
-        ref = nn.Sequential(reference.DoRALinear(IN, HID), nn.ReLU(inplace=True), reference.DoRALinear(HID, OUT))
+        ref = nn.Sequential(reference.DoRALinear(IN, HID, bias=False), nn.ReLU(inplace=True),
+                            reference.DoRALinear(HID, OUT, bias=False))
         ref = ref.to(DEVICE)
         with torch.no_grad():
             for m in (ref[0], ref[2]):
@@ -741,3 +746,90 @@ def test_fuse_save_output_false_for_inplace_models(kind):
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
     dora_kernels.unfuse(model)
     assert not any("_dora_kernels_save_output" in vars(m) or "save_output" in vars(m) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# configurations no other test names: random PEFT configs, fused against PEFT
+
+class Proj(nn.Module):
+    """One projection: nn.Linear, or GPT-2's Conv1D (weight kept as (in, out), always a bias).
+
+    One layer, so that the fused layer, PEFT's and PEFT's float64 all get the same input and
+    the same output gradient: behind a second layer, the fused output's last-bit differences
+    would reach this layer's gradients through that layer's backward, where a reduction that
+    cancels can make them as large as the values, for PEFT's own bf16 layer too. Two layers
+    are tested with fixed shapes above."""
+
+    def __init__(self, i, o, bias, conv1d):
+        super().__init__()
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+            self.lin0 = Conv1D(o, i)
+            with torch.no_grad():  # Conv1D starts with a zero bias
+                self.lin0.bias.normal_()
+        else:
+            self.lin0 = nn.Linear(i, o, bias=bias)
+
+    def forward(self, x):
+        return self.lin0(x)
+
+
+_DTYPE_PAIRS = {  # base dtype, PEFT's autocast_adapter_dtype
+    "f32": (torch.float32, True), "bf16+f32": (torch.bfloat16, True), "f16+f32": (torch.float16, True),
+    "bf16": (torch.bfloat16, False), "f16": (torch.float16, False),
+}
+
+
+def check_random_config(backend, monkeypatch, *, dims, r, alpha, rslora, bias, dtypes, lead, dropout, training,
+                        conv1d, save_output, seed):
+    i, o = dims
+    dtype, autocast_adapters = _DTYPE_PAIRS[dtypes]
+    torch.manual_seed(seed)
+    base = Proj(i, o, bias, conv1d).to(device=backend, dtype=dtype)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=["lin0"], use_dora=True,
+                     lora_dropout=dropout, init_lora_weights=False, fan_in_fan_out=conv1d)
+    model = get_peft_model(base, cfg, autocast_adapter_dtype=autocast_adapters)
+    perturb_magnitudes(model, seed=seed + 1)
+    ref, ref64 = copies(model)
+    dora_kernels.fuse(model, save_output=save_output)
+    assert dora_kernels.fused_layers(model) == [LIN0]
+    for m in (model, ref, ref64):
+        m.train(training)
+    x = torch.randn(*lead, i, generator=torch.Generator().manual_seed(seed)).to(device=backend, dtype=dtype)
+    if dropout and training:
+        share_masks(monkeypatch, [(LIN0, (*lead, i))], [ref, ref64], dropout, backend)
+    # Without dropout the op reads dm's u back from a tensor in x's dtype (its output y, or u),
+    # where PEFT reads x·W0ᵀ + bias (rounded the same way): the same size of error, but not the
+    # same errors, so on a few tokens k alone does not bound the ratio; dm gets ulps of x's dtype
+    # (as in test_ops.check_parity).
+    via_y = {} if dropout and training else {f"{LIN0}.lora_magnitude_vector.default.weight": dtype}
+    calls = count_fused_calls(monkeypatch)
+    assert_matches_peft(model, ref, ref64, x, k=interp_bf16_k(dtype, backend), ulp_dtypes=via_y)
+    assert len(calls) == 1
+
+
+_config = dict(
+    dims=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    r=st.integers(1, 48), alpha=st.integers(1, 64), rslora=st.booleans(), bias=st.booleans(),
+    dtypes=st.sampled_from(sorted(_DTYPE_PAIRS)), lead=st.sampled_from([(0,), (1,), (7,), (2, 5), (3, 1, 4)]),
+    dropout=st.sampled_from([0.0, 0.25]), training=st.booleans(),
+    conv1d=st.booleans() if importlib.util.find_spec("transformers") else st.just(False),
+    save_output=st.booleans(), seed=st.integers(0, 2**16),
+)
+_settings = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(max_examples=200, **_settings)
+@given(**_config)
+def test_random_configs_match_peft_torch_path(monkeypatch, **kw):
+    """The torch path (CPU without the interpreter) on 200 random PEFT DoRA configurations."""
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    check_random_config("cpu", monkeypatch, **kw)
+
+
+@settings(max_examples=40, **_settings)
+@given(**_config)
+def test_random_configs_match_peft_kernels(device, monkeypatch, **kw):
+    """The Triton kernels (interpreted on a CPU) on 40 random PEFT DoRA configurations."""
+    check_random_config(device, monkeypatch, **kw)
