@@ -201,8 +201,10 @@ def _forward(self, x, *args, **kwargs):
         return type(self)._dora_kernels_base.forward(self, x, *args, **kwargs)
     name, rest, (x, weight, A, B, m, scaling, bias, p) = plan
     norm = _cached_norm(self.lora_magnitude_vector[name], name, weight, A, B, scaling)
+    # Later adapters may add to the result in place (PEFT's BD-LoRA, aLoRA): then it is not saved.
+    save_output = getattr(self, "_dora_kernels_save_output", True) and not rest
     result = dora_linear(x, weight, A, B, m, scaling, bias, dropout_p=p, training=True, weight_norm=norm,
-                         save_output=getattr(self, "_dora_kernels_save_output", True))
+                         save_output=save_output)
     if not rest:
         return result
     # Later adapters: PEFT's loop verbatim, on the running result (x cast as PEFT casts it).
@@ -280,7 +282,7 @@ def _unfuse_reference(module) -> None:
 # ---------------------------------------------------------------------------------------------
 # public API
 
-def fuse(model: nn.Module, *, verbose: bool = False, save_output: bool = True) -> nn.Module:
+def fuse(model: nn.Module, *, verbose: bool = False, save_output: bool | None = None) -> nn.Module:
     """Make the DoRA layers of ``model`` run the fused op, in place; returns ``model``.
 
     - ``reference.DoRALinear`` layers become ``dora_kernels.DoRALinear`` (the same module
@@ -293,8 +295,10 @@ def fuse(model: nn.Module, *, verbose: bool = False, save_output: bool = True) -
     (``add_adapter``, ``load_adapter``). DoRA layers it cannot serve (Embedding, Conv, quantised
     bases) stay on PEFT's path and are reported with a warning; ``verbose`` also logs each
     fused layer (logger ``dora_kernels.fuse``, level INFO). ``fuse_report(model)`` lists both.
-    ``save_output`` (every fused layer, see ``dora_linear``): False where the model modifies a
-    DoRA layer's output in place.
+    ``save_output`` (see ``dora_linear``): False where the model modifies a DoRA layer's output
+    in place, True to reset; set on every fused layer when given. None (the default) leaves
+    layers as they are (a ``DoRALinear``'s own setting, an earlier ``fuse``'s) and makes newly
+    fused layers save their output.
     """
     lora = _peft_lora()
     for name, module in model.named_modules():
@@ -307,11 +311,12 @@ def fuse(model: nn.Module, *, verbose: bool = False, save_output: bool = True) -
             continue
         if verbose:
             logger.info("dora_kernels.fuse: fused %s", name or "<model>")
-    for module in model.modules():
-        if isinstance(module, DoRALinear):
-            module.save_output = bool(save_output)
-        elif _is_fused_peft(module):
-            module._dora_kernels_save_output = bool(save_output)
+    if save_output is not None:
+        for module in model.modules():
+            if isinstance(module, DoRALinear):
+                module.save_output = bool(save_output)
+            elif _is_fused_peft(module):
+                module._dora_kernels_save_output = bool(save_output)
     report = fuse_report(model)
     if report.skipped:
         lines = "\n".join(f"  {n or '<model>'}: {why}" for n, why in report.skipped.items())

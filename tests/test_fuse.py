@@ -833,3 +833,34 @@ def test_random_configs_match_peft_torch_path(monkeypatch, **kw):
 def test_random_configs_match_peft_kernels(device, monkeypatch, **kw):
     """The Triton kernels (interpreted on a CPU) on 40 random PEFT DoRA configurations."""
     check_random_config(device, monkeypatch, **kw)
+
+
+def test_later_adapter_adding_in_place_to_the_result():
+    """PEFT's BD-LoRA adds to the running result in place: a DoRA adapter before it must not
+    have saved that result for its backward."""
+    bd = pytest.importorskip("peft.tuners.lora.config").__dict__.get("BdLoraConfig")
+    if bd is None:
+        pytest.skip("this peft has no BD-LoRA")
+    torch.manual_seed(0)
+    model = get_peft_model(Tiny(bias=False).to(DEVICE), dora_config(), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False,
+                                      use_bdlora=bd(target_modules_bd_b=["lin0", "lin1"], nblocks=2)))
+    model.base_model.set_adapter(["a", "b"])
+    perturb_magnitudes(model)
+    ref, ref64 = copies(model)
+    dora_kernels.fuse(model)
+    assert dora_kernels.fused_layers(model) == [LIN0, LIN1]
+    assert_matches_peft(model, ref, ref64, torch.randn(5, IN, device=DEVICE))
+
+
+def test_fuse_keeps_each_layers_save_output_unless_told():
+    layer = dora_kernels.DoRALinear(IN, HID, r=2, bias=False, save_output=False)
+    model = nn.Sequential(layer, nn.ReLU(inplace=True), reference.DoRALinear(HID, OUT, bias=False))
+    dora_kernels.fuse(model)
+    assert model[0].save_output is False and model[2].save_output is True
+    model(torch.randn(3, IN, device=DEVICE)).sum().backward()  # the in-place ReLU after layer 0 is fine
+    dora_kernels.fuse(model, save_output=True)
+    assert model[0].save_output is True
+    dora_kernels.fuse(model, save_output=False)
+    dora_kernels.fuse(model)  # idempotent: leaves the earlier choice
+    assert model[0].save_output is False and model[2].save_output is False
