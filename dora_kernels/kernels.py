@@ -425,14 +425,15 @@ def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, 
     o_j = j0 + tl.arange(0, FB)
     m_j = o_j < M
     b_nrm = tl.load(norm_ptr + o_j, mask=m_j, other=1.0)
-    b_redo = (tl.abs(tl.load(mag_ptr + o_j, mask=m_j, other=1.0).to(tl.float32)) < G_REDO * b_nrm) & (b_nrm > 0) & m_j
+    b_mag = tl.abs(tl.load(mag_ptr + o_j, mask=m_j, other=1.0).to(tl.float32))
+    b_redo = ~(b_mag >= G_REDO * b_nrm) & (b_nrm > 0) & m_j  # with a NaN m too: y = NaN there
     if tl.sum(b_redo.to(tl.int32), axis=0) > 0:
         i_t = tl.arange(0, BT)
         i_k = tl.arange(0, BK)
         i_r = tl.arange(0, BR)
         b_dm = tl.zeros((FB,), dtype=tl.float32)
         for t0 in tl.range(0, N, BT, num_stages=1):
-            o_t = t0 + i_t
+            o_t = (t0 + i_t).to(tl.int64)
             m_t = o_t < N
             b_u = tl.zeros((BT, FB), dtype=tl.float32)
             for k0 in tl.range(0, K, BK, num_stages=1):
@@ -491,7 +492,7 @@ def _finalize_kernel(
             b_acc += tl.load(dm_part_ptr + t * M + o_m, mask=m_m, other=0.0)
         b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
         b_dm = tl.where(b_nrm > 0, b_acc / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
-        if REDO_ROWS:  # those rows are the later programs'
+        if REDO_ROWS:  # those rows are the later programs' (NaN magnitudes included)
             b_mag = tl.abs(tl.load(mag_ptr + o_m, mask=m_m, other=1.0).to(tl.float32))
             m_m &= (b_mag >= G_REDO * b_nrm) | (b_nrm <= 0)
         tl.store(dm_ptr + o_m, _rounded(b_dm, dm_ptr), mask=m_m)

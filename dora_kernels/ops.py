@@ -64,8 +64,9 @@ def _torch_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
 
 
 def _rows_packed(x: torch.Tensor) -> torch.Tensor:
-    """x (N, K) for torch's own GEMMs: a bf16 CPU matmul (oneDNN, on CPUs with AMX) reads past the
-    end of each row of a view whose rows lie further apart than K, so such an x is copied."""
+    """x (N, K) as the left operand of torch's own GEMMs: a bf16 CPU matmul (oneDNN, on CPUs with
+    AMX) reads past the end of each row of a view whose rows lie further apart than K, so such an
+    x is copied."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] > 1 and x.stride(0) != x.shape[1]:
         return x.contiguous()
     return x
@@ -261,7 +262,7 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
         raise ValueError(f"dora_backward: norm {tuple(norm.shape)}, xa {tuple(xa.shape)}, u {tuple(u.shape)} and "
                          f"grad {tuple(grad.shape)} must be ({M},), ({N}, {R}), ({N}, {M}) and ({N}, {M})")
     if not uses_triton(x):
-        x = _rows_packed(x)
+        x, grad = _rows_packed(x), _rows_packed(grad)
         g = _g(magnitude, norm)
         G = grad.float()
         inv_n = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
@@ -270,7 +271,7 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
             uf = uf * torch.where(g != 0, 1.0 / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
         dm = (G * uf).sum(0) * inv_n
         if from_y:
-            redo = (magnitude.float().abs() < G_REDO * norm) & (norm > 0)
+            redo = ~(magnitude.float().abs() >= G_REDO * norm) & (norm > 0)  # NaN m too
             if bool(redo.any()):  # y carries u too coarsely there: make u again for those rows
                 uz = (x @ weight[redo].T).float() + scaling * (xa.float() @ lora_B[redo].float().T)
                 dm[redo] = (G[:, redo] * uz).sum(0) * inv_n[redo]
@@ -374,6 +375,9 @@ def fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u
     if from_y and bias is not None:
         raise ValueError("fused_backward: from_y needs no bias (the forward saves u where there is one)")
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    dbias = grad.sum(0).to(bias.dtype) if (need_bias and bias is not None) else None
+    if not (need_dx or need_a or need_b or need_m):  # only the bias: the forward kept no u
+        return None, None, None, None, dbias
     dx, dA, dB, dm = dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u, p=p,
                                    seed=seed, need_dx=need_dx, from_y=from_y)
     s = scaling
@@ -387,7 +391,6 @@ def fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u
         dB = (dB.float() + s * (c[:, None] * wa + s * cB @ (A32 @ A32.T))).to(lora_B.dtype)
         cBW = (cB.T.to(weight.dtype) @ weight).float() if weight.dtype != torch.float64 else cB.T @ weight
         dA = (dA.float() + s * (cBW + s * (B32.T @ cB) @ A32)).to(lora_A.dtype)
-    dbias = grad.sum(0).to(bias.dtype) if (need_bias and bias is not None) else None
     return (dx if need_dx else None, dA if need_a else None, dB if need_b else None,
             dm if need_m else None, dbias)
 
