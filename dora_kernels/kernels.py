@@ -421,7 +421,9 @@ def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, 
     # dm = Σ_tokens G ⊙ u / n for the rows j0 .. j0 + FB with |m| < G_REDO · n, n > 0, where the
     # saved output y = g·u carries u too coarsely (not at all where m = 0; below fp16's normal
     # range sooner than u): u = x·W0ᵀ + s·xa·Bᵀ is made again for those rows (rare: DoRA starts
-    # at m = n and stays near it). The loops are not software-pipelined (that made ptxas spill).
+    # at m = n and stays near it). The loops are not software-pipelined and the offsets are
+    # 32-bit (either made ptxas spill): where an operand's offsets do not fit in 31 bits the
+    # launcher makes these rows with torch instead.
     o_j = j0 + tl.arange(0, FB)
     m_j = o_j < M
     b_nrm = tl.load(norm_ptr + o_j, mask=m_j, other=1.0)
@@ -433,7 +435,7 @@ def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, 
         i_r = tl.arange(0, BR)
         b_dm = tl.zeros((FB,), dtype=tl.float32)
         for t0 in tl.range(0, N, BT, num_stages=1):
-            o_t = (t0 + i_t).to(tl.int64)
+            o_t = t0 + i_t
             m_t = o_t < N
             b_u = tl.zeros((BT, FB), dtype=tl.float32)
             for k0 in tl.range(0, K, BK, num_stages=1):
@@ -492,7 +494,7 @@ def _finalize_kernel(
             b_acc += tl.load(dm_part_ptr + t * M + o_m, mask=m_m, other=0.0)
         b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
         b_dm = tl.where(b_nrm > 0, b_acc / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
-        if REDO_ROWS:  # those rows are the later programs' (NaN magnitudes included)
+        if REDO_ROWS:  # those rows are the later programs'
             b_mag = tl.abs(tl.load(mag_ptr + o_m, mask=m_m, other=1.0).to(tl.float32))
             m_m &= (b_mag >= G_REDO * b_nrm) | (b_nrm <= 0)
         tl.store(dm_ptr + o_m, _rounded(b_dm, dm_ptr), mask=m_m)

@@ -240,6 +240,20 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, *, p
 G_REDO = 0.25
 
 
+def _offsets_fit_int32(t: torch.Tensor) -> bool:
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0) < 2**31
+
+
+def _redo_rows_torch(dm, G, x, weight, lora_B, magnitude, norm, xa, scaling):
+    """dm of the rows with |m| < G_REDO · n (or NaN m), n > 0, from u = x·W0ᵀ + s·xa·Bᵀ made again
+    for those rows only (the output y holds them too coarsely), in place."""
+    redo = ~(magnitude.float().abs() >= G_REDO * norm) & (norm > 0)
+    if bool(redo.any()):
+        rows = redo.nonzero().squeeze(1)
+        uz = (_rows_packed(x) @ weight[rows].T).float() + scaling * (xa.float() @ lora_B[rows].float().T)
+        dm[rows] = ((G[:, rows].float() * uz).sum(0) / norm[rows]).to(dm.dtype)
+
+
 def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u, *, p=0.0, seed=0,
                   need_dx=True, from_y=False):
     """Gradients of the detached-norm DoRA linear from G = dL/dy (N, M) and the forward's u.
@@ -270,11 +284,8 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
         if from_y:
             uf = uf * torch.where(g != 0, 1.0 / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
         dm = (G * uf).sum(0) * inv_n
-        if from_y:
-            redo = ~(magnitude.float().abs() >= G_REDO * norm) & (norm > 0)  # NaN m too
-            if bool(redo.any()):  # y carries u too coarsely there: make u again for those rows
-                uz = (x @ weight[redo].T).float() + scaling * (xa.float() @ lora_B[redo].float().T)
-                dm[redo] = (G[:, redo] * uz).sum(0) * inv_n[redo]
+        if from_y:  # y carries u too coarsely in some rows: make u again for those
+            _redo_rows_torch(dm, G, x, weight, lora_B, magnitude, norm, xa, scaling)
         dm = dm.to(magnitude.dtype)
         gs = G * g
         gb = gs @ lora_B.float()
@@ -332,16 +343,20 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
     # With from_y, dm of the rows with |m| < G_REDO · n (none, in DoRA as trained) is made again
     # from x and W0 in this launch by cdiv(M, FB) more programs (fp32 dots by FMA: exact, and no
     # register spills); their cost is not counted.
-    fin = {"BLOCK": block, "REDO_ROWS": from_y, "FB": 16, "BT": 16, "BK": 32, "BR": 16, "UPCAST": _upcast(x.dtype),
-           "PREC": "ieee", "G_REDO": G_REDO, "num_warps": 4}
+    # The in-kernel redo uses 32-bit offsets: with an operand past them, torch makes those rows.
+    redo_in_kernel = from_y and all(_offsets_fit_int32(t) for t in (x, grad, weight, xa, lora_B))
+    fin = {"BLOCK": block, "REDO_ROWS": redo_in_kernel, "FB": 16, "BT": 16, "BK": 32, "BR": 16,
+           "UPCAST": _upcast(x.dtype), "PREC": "ieee", "G_REDO": G_REDO, "num_warps": 4}
     grid = (triton_cdiv(R * K, block) + triton_cdiv(M * R, block) + triton_cdiv(M, block)
-            + (triton_cdiv(M, fin["FB"]) if from_y else 0),)
+            + (triton_cdiv(M, fin["FB"]) if redo_in_kernel else 0),)
     launch(K_._finalize_kernel, grid,
            (dA, dB, dm, da_part, db_part, dm_part, norm, magnitude, grad, *grad.stride(), x, *x.stride(), weight,
             *weight.stride(), xa, lora_B, *lora_B.stride(), tn, T, R * K, M * R, M, float(scaling * inv_keep),
             float(scaling), N, K, R, float(scaling)), fin,
            flops=tn * R * K + T * M * R + T * M,
-           reads=[da_part, db_part, dm_part, norm] + ([magnitude] if from_y else []), writes=[dA, dB, dm])
+           reads=[da_part, db_part, dm_part, norm] + ([magnitude] if redo_in_kernel else []), writes=[dA, dB, dm])
+    if from_y and not redo_in_kernel:
+        _redo_rows_torch(dm, grad, x, weight, lora_B, magnitude, norm, xa, scaling)
     return dx, dA, dB, dm
 
 

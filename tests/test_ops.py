@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import dora_kernels
 import reference
-from dora_kernels import _launch
+from dora_kernels import _launch, ops
 from tolerance import assert_close_to_f64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -463,6 +463,17 @@ def test_small_magnitude_rows(case, backend, norm_grad):
     built on it) must match. With a (large) bias the op saves u: the same rows must match too."""
     y, grads = check_parity(case, backend, norm_grad=norm_grad, edit=_shrink_some_magnitudes)
     assert torch.count_nonzero(grads["magnitude"][[0, 3, -1]]) == 3, "dm of a zero-magnitude row is not made"
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in [
+    Case((37,), 45, 70, 5, "f16", "none", "none", "w-T"),
+    Case((70,), 45, 36, 20, "bf16", "none", "none", "x-rowpad"),
+]])
+def test_small_magnitude_rows_past_32_bit_offsets(case, backend, monkeypatch):
+    """Where an operand's offsets would pass 31 bits the kernel does not make those rows and the
+    launcher makes them with torch (forced here): the same dm."""
+    monkeypatch.setattr(ops, "_offsets_fit_int32", lambda t: False)
+    check_parity(case, backend, edit=_shrink_some_magnitudes)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in [
