@@ -842,10 +842,10 @@ def test_later_adapter_adding_in_place_to_the_result():
     if bd is None:
         pytest.skip("this peft has no BD-LoRA")
     torch.manual_seed(0)
-    model = get_peft_model(Tiny(bias=False).to(DEVICE), dora_config(), adapter_name="a")
-    model.add_adapter("b", LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False,
+    model = get_peft_model(Tiny(bias=False).to(DEVICE), dora_config(), adapter_name="dora")
+    model.add_adapter("bd", LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False,
                                       use_bdlora=bd(target_modules_bd_b=["lin0", "lin1"], nblocks=2)))
-    model.base_model.set_adapter(["a", "b"])
+    model.base_model.set_adapter(["dora", "bd"])
     perturb_magnitudes(model)
     ref, ref64 = copies(model)
     dora_kernels.fuse(model)
