@@ -414,6 +414,13 @@ def _sum_rows(out_ptr, part_ptr, T, L, pid, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _redo(mag_ptr, o, mask, b_nrm, G_REDO: tl.constexpr):
+    # The rows whose dm the backward that read y makes again: |m| < G_REDO · n (NaN m too), n > 0.
+    b_mag = tl.abs(tl.load(mag_ptr + o, mask=mask, other=1.0).to(tl.float32))
+    return ~(b_mag >= G_REDO * b_nrm) & (b_nrm > 0)
+
+
+@triton.jit
 def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, stride_xk, w_ptr, stride_wm,
                   stride_wk, xa_ptr, b_ptr, stride_bm, stride_br, mag_ptr, norm_ptr, N, K, R, scaling,
                   FB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
@@ -427,8 +434,7 @@ def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, 
     o_j = j0 + tl.arange(0, FB)
     m_j = o_j < M
     b_nrm = tl.load(norm_ptr + o_j, mask=m_j, other=1.0)
-    b_mag = tl.abs(tl.load(mag_ptr + o_j, mask=m_j, other=1.0).to(tl.float32))
-    b_redo = ~(b_mag >= G_REDO * b_nrm) & (b_nrm > 0) & m_j  # with a NaN m too: y = NaN there
+    b_redo = _redo(mag_ptr, o_j, m_j, b_nrm, G_REDO) & m_j
     if tl.sum(b_redo.to(tl.int32), axis=0) > 0:
         i_t = tl.arange(0, BT)
         i_k = tl.arange(0, BK)
@@ -495,8 +501,7 @@ def _finalize_kernel(
         b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
         b_dm = tl.where(b_nrm > 0, b_acc / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
         if REDO_ROWS:  # those rows are the later programs'
-            b_mag = tl.abs(tl.load(mag_ptr + o_m, mask=m_m, other=1.0).to(tl.float32))
-            m_m &= (b_mag >= G_REDO * b_nrm) | (b_nrm <= 0)
+            m_m &= ~_redo(mag_ptr, o_m, m_m, b_nrm, G_REDO)
         tl.store(dm_ptr + o_m, _rounded(b_dm, dm_ptr), mask=m_m)
     elif REDO_ROWS:
         _dm_redo_rows(dm_ptr, (pid - na - nb - nm).to(tl.int64) * FB, M, g_ptr, stride_gn, stride_gm, x_ptr,

@@ -51,6 +51,11 @@ def _lora_f32(x_dtype, a_dtype) -> bool:
     return INTERPRET or x_dtype not in _HALF or a_dtype != x_dtype
 
 
+def _recip(v: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """1 / v where ``ok``, else 0 (no division by the other entries)."""
+    return torch.where(ok, 1.0 / torch.where(ok, v, torch.ones_like(v)), torch.zeros_like(v))
+
+
 def _g(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """g = m / n in fp32, 0 where n = 0 (a zero row of V gives u = 0, so y = bias there)."""
     m = magnitude.float()
@@ -279,12 +284,10 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
         x, grad = _rows_packed(x), _rows_packed(grad)
         g = _g(magnitude, norm)
         G = grad.float()
-        inv_n = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-        uf = u.float()
-        if from_y:
-            uf = uf * torch.where(g != 0, 1.0 / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
-        dm = (G * uf).sum(0) * inv_n
-        if from_y:  # y carries u too coarsely in some rows: make u again for those
+        inv_n = _recip(norm, norm > 0)
+        dm = (G * u.float()).sum(0) * inv_n
+        if from_y:  # u = y / g per column; the rows where y carries u too coarsely are made again
+            dm *= _recip(g, g != 0)
             _redo_rows_torch(dm, G, x, weight, lora_B, magnitude, norm, xa, scaling)
         dm = dm.to(magnitude.dtype)
         gs = G * g
@@ -342,8 +345,8 @@ def dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa,
     block = 512
     # With from_y, dm of the rows with |m| < G_REDO · n (none, in DoRA as trained) is made again
     # from x and W0 in this launch by cdiv(M, FB) more programs (fp32 dots by FMA: exact, and no
-    # register spills); their cost is not counted.
-    # The in-kernel redo uses 32-bit offsets: with an operand past them, torch makes those rows.
+    # register spills; their cost is not counted), or by torch where an operand's offsets pass
+    # the 31 bits those programs use.
     redo_in_kernel = from_y and all(_offsets_fit_int32(t) for t in (x, grad, weight, xa, lora_B))
     fin = {"BLOCK": block, "REDO_ROWS": redo_in_kernel, "FB": 16, "BT": 16, "BK": 32, "BR": 16,
            "UPCAST": _upcast(x.dtype), "PREC": "ieee", "G_REDO": G_REDO, "num_warps": 4}
@@ -399,7 +402,7 @@ def fused_backward(grad, x, weight, lora_A, lora_B, magnitude, bias, norm, xa, u
     if exact and (need_a or need_b):
         # n depends on A and B: dn_j = −(m_j / n_j) · dm_j; with V = W0 + s·B·A,
         # dB += s·diag(c)·V·Aᵀ and dA += s·Bᵀ·diag(c)·V, c = −(m / n²) ⊙ dm (spec).
-        inv_n = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+        inv_n = _recip(norm, norm > 0)
         c = -magnitude.float() * inv_n * inv_n * dm.float()
         A32, B32 = lora_A.float(), lora_B.float()
         cB = c[:, None] * B32
