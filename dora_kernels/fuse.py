@@ -300,6 +300,8 @@ def fuse(model: nn.Module, *, verbose: bool = False, save_output: bool | None = 
     layers as they are (a ``DoRALinear``'s own setting, an earlier ``fuse``'s) and makes newly
     fused layers save their output.
     """
+    if save_output is not None and not isinstance(save_output, bool):
+        raise TypeError(f"fuse: save_output must be None or a bool, got {type(save_output).__name__}")
     lora = _peft_lora()
     for name, module in model.named_modules():
         if _is_reference_layer(module):
@@ -314,9 +316,9 @@ def fuse(model: nn.Module, *, verbose: bool = False, save_output: bool | None = 
     if save_output is not None:
         for module in model.modules():
             if isinstance(module, DoRALinear):
-                module.save_output = bool(save_output)
+                module.save_output = save_output
             elif _is_fused_peft(module):
-                module._dora_kernels_save_output = bool(save_output)
+                module._dora_kernels_save_output = save_output
     report = fuse_report(model)
     if report.skipped:
         lines = "\n".join(f"  {n or '<model>'}: {why}" for n, why in report.skipped.items())

@@ -43,7 +43,9 @@ class DoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout_p = float(dropout)
         self.norm_grad = norm_grad
-        self.save_output = bool(save_output)
+        if not isinstance(save_output, bool):
+            raise ValueError(f"save_output must be a bool, got {save_output!r}")
+        self.save_output = save_output
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **adapter))

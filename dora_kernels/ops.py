@@ -556,6 +556,8 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     instead. With a bias u is always saved (y − bias would lose u's low bits where the bias
     dominates y).
     """
+    if not isinstance(save_output, bool):
+        raise TypeError(f"dora_linear: save_output must be a bool, got {type(save_output).__name__}")
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
         x, weight, bias = _autocast(x, weight, bias)
     scaling = check_inputs(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, norm_grad)
@@ -574,7 +576,7 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     with_wa = (norm_grad == "exact" and torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad))
     with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") else _null():
         need = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, lora_A, lora_B, magnitude))
-        save_y = need and bool(save_output) and p == 0 and bias is None
+        save_y = need and save_output and p == 0 and bias is None
         y = _library.dora_fwd(x2, weight, lora_A, lora_B, magnitude, bias, weight_norm, seed, scaling, p, with_wa,
                               need and not save_y, save_y)[0]
     return y.reshape(*lead, weight.shape[0])

@@ -838,9 +838,8 @@ def test_random_configs_match_peft_kernels(device, monkeypatch, **kw):
 def test_later_adapter_adding_in_place_to_the_result():
     """PEFT's BD-LoRA adds to the running result in place: a DoRA adapter before it must not
     have saved that result for its backward."""
-    bd = pytest.importorskip("peft.tuners.lora.config").__dict__.get("BdLoraConfig")
-    if bd is None:
-        pytest.skip("this peft has no BD-LoRA")
+    from peft.tuners.lora.config import BdLoraConfig as bd  # peft >= 0.19 (the test extra's floor)
+
     torch.manual_seed(0)
     model = get_peft_model(Tiny(bias=False).to(DEVICE), dora_config(), adapter_name="dora")
     model.add_adapter("bd", LoraConfig(r=4, target_modules=["lin0", "lin1"], init_lora_weights=False,
@@ -851,6 +850,12 @@ def test_later_adapter_adding_in_place_to_the_result():
     dora_kernels.fuse(model)
     assert dora_kernels.fused_layers(model) == [LIN0, LIN1]
     assert_matches_peft(model, ref, ref64, torch.randn(5, IN, device=DEVICE))
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1.0])
+def test_fuse_rejects_a_save_output_that_is_not_a_bool(value):
+    with pytest.raises(TypeError, match="save_output"):
+        dora_kernels.fuse(tiny_peft(), save_output=value)
 
 
 def test_fuse_keeps_each_layers_save_output_unless_told():

@@ -233,6 +233,7 @@ def test_from_linear_matches_reference(device):
     pytest.param({"r": 0}, "r", id="r0"),
     pytest.param({"dropout": 1.0}, "dropout", id="dropout1"),
     pytest.param({"norm_grad": "bogus"}, "norm_grad", id="norm_grad"),
+    pytest.param({"save_output": "no"}, "save_output", id="save_output"),
 ])
 def test_constructor_rejects_bad_arguments(kwargs, name):
     args = {"r": 4, **kwargs}

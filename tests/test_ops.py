@@ -703,6 +703,8 @@ BAD = [
     ("rank-0", {"lora_A": torch.randn(0, 8), "lora_B": torch.randn(6, 0)}, {}, ValueError, "lora_A|rank"),
     ("weight_norm-dtype", {}, {"weight_norm": torch.ones(6, dtype=torch.float16)}, ValueError, "weight_norm"),
     ("weight_norm-shape", {}, {"weight_norm": torch.ones(5)}, ValueError, "weight_norm"),
+    ("save_output-str", {}, {"save_output": "no"}, TypeError, "save_output"),
+    ("save_output-none", {}, {"save_output": None}, TypeError, "save_output"),
 ]
 
 
