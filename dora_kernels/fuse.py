@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .common import FLOATS as _FLOATS
 from .modules import DoRALinear
 from .ops import dora_linear, weight_norm
 
@@ -42,7 +43,7 @@ __all__ = ["FuseReport", "fuse", "fuse_report", "fused_layers", "unfuse"]
 
 logger = logging.getLogger(__name__)
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 _CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
 _PLAIN = (torch.Tensor, nn.Parameter)
 

@@ -1,8 +1,11 @@
 """Block sizes, warps and stages for every kernel, chosen without a GPU.
 
-Each function takes the problem size, the dtype and the target (``arch``: a CUDA compute
-capability such as ``(9, 0)``, or ``None`` under the interpreter) and returns a plain dict
-of meta-parameters. The rules, in short:
+Each ``*_config`` function takes, by keyword only, the sizes it uses (``N`` tokens, ``M`` out,
+``K`` in, ``R`` rank, as in the kernels), the dtype, the flags and the target (``arch``: a CUDA
+compute capability such as ``(9, 0)``, or ``None`` under the interpreter) and returns a
+``Config``: the kernel's meta-parameters (constexprs, ``num_warps``, ``num_stages``), its grid,
+and the other sizes its launcher needs (partial buffers, per-program counts). The rules, in
+short:
 
 * GEMMs (forward ``x·W0ᵀ`` and backward ``dx``): 128×128 tiles with 8 warps once there are
   ≥ 128 tokens (the shape that reaches wgmma on sm_90 and mma.sync on sm_80); 64-token tiles
@@ -23,13 +26,15 @@ of meta-parameters. The rules, in short:
 * Token reductions (the backward pass over G) size their programs so that about two waves
   of the GPU's SMs are busy; partials are then summed by a second, tiny kernel.
 
-``DORA_KERNELS_AUTOTUNE=1`` lets Triton's autotuner pick among a few neighbours of these
-configs on a GPU instead (see ``autotune_candidates``).
+``DORA_KERNELS_AUTOTUNE=1`` lets Triton's autotuner pick among a few neighbours of the two
+GEMM configs on a GPU instead (``AUTOTUNED``).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -49,13 +54,23 @@ def autotune_enabled() -> bool:
     return os.environ.get("DORA_KERNELS_AUTOTUNE", "0") == "1"
 
 
+@dataclass(frozen=True)
+class Config:
+    """A launch plan: ``meta`` goes to the kernel (constexprs, ``num_warps``, ``num_stages``),
+    ``grid`` to the launch, ``sizes`` to the launcher (buffer sizes, per-program counts)."""
+
+    meta: dict
+    grid: tuple
+    sizes: dict = field(default_factory=dict)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
 def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
     p = max(lo, 1 << max(0, int(n) - 1).bit_length())
     return min(p, hi) if hi is not None else p
-
-
-def _elsize(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _stages(per_stage: int, reserve: int, arch) -> int:
@@ -65,7 +80,7 @@ def _stages(per_stage: int, reserve: int, arch) -> int:
     return int(max(2, min(4, budget // per_stage)))
 
 
-def _gemm_tile(tokens: int, cols: int, dtype) -> tuple[int, int, int, int]:
+def _gemm_tile(tokens: int, dtype) -> tuple[int, int, int, int]:
     """(token rows, output columns, reduction step, warps) of a GEMM tile."""
     if dtype == torch.float32:
         # fp32 operands run as tf32x3 (three tf32 products): register-heavy, so smaller tiles.
@@ -84,84 +99,122 @@ def _elbytes(dtype, arch) -> int:
     return 4 if (arch is None or dtype == torch.float32) else 2
 
 
-def fwd_config(tokens: int, out_f: int, in_f: int, r: int, dtype, arch, *, dropout: bool = False) -> dict:
-    """``_fwd_kernel``: tokens × out tile, reducing over in. With dropout the kernel carries
-    two accumulators (x and x̃), so the out tile is halved."""
-    bn, bm, bk, warps = _gemm_tile(tokens, out_f, dtype)
-    if dropout:
+def fwd_config(*, N: int, M: int, dtype, arch, has_dropout: bool) -> Config:
+    """``_fwd_kernel``: N × M tiles, reducing over K. With dropout the kernel carries two
+    accumulators (x and x̃), so the M tile is narrower."""
+    bn, bm, bk, warps = _gemm_tile(N, dtype)
+    if has_dropout:
         # The in-loop Philox mask and the second accumulator need the registers of a wider tile.
         bm = 32
     stages = _stages((bn * bk + bk * bm) * _elbytes(dtype, arch), bn * bm * 2, arch)
-    return {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16, "GROUP_N": 8,
+    meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16, "GROUP_N": 8,
             "num_warps": warps, "num_stages": stages}
+    return Config(meta, (cdiv(N, bn) * cdiv(M, bm),))
 
 
-def dx_config(tokens: int, in_f: int, out_f: int, r: int, dtype, arch, *, dropout: bool = False,
-              need_dx: bool = True) -> dict:
-    """``_dx_kernel``: tokens × in tile (BLOCK_K), reducing over out (BLOCK_M). The main loop
-    scales G by g in registers and the tile also builds the dA partial, so it is narrower than
-    the forward's: 64 in-columns, or 128 on sm_90 for bf16 without dropout."""
-    bn, bk, bm, warps = _gemm_tile(tokens, in_f, dtype)
+def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool) -> Config:
+    """``_dx_kernel``: N × K tiles (BLOCK_K), reducing over M (BLOCK_M). The main loop scales dy
+    by g in registers and the tile also builds the dA partial, so it is narrower than the
+    forward's: 64 in-columns, or 128 on sm_90 for bf16 without dropout. ``sizes["T"]``: token
+    blocks, one dA partial each."""
+    bn, bk, bm, warps = _gemm_tile(N, dtype)
     if dtype == torch.float32:
-        if dropout:
+        if has_dropout:
             bk = 32
-        elif tokens < 64:
+        elif N < 64:
             bm = 16  # (with 2 stages, below) 32-deep steps spill a few bytes on sm_80 with 16-bit adapters
     else:
-        wide = dtype == torch.bfloat16 and not dropout and tokens >= 128 and arch is not None and tuple(arch) >= (9, 0)
+        wide = dtype == torch.bfloat16 and not has_dropout and N >= 128 and arch is not None and tuple(arch) >= (9, 0)
         bk = 128 if wide else 64
-        if tokens >= 64:
-            bm = 32 if (dropout or dtype != torch.bfloat16) else 64
-        elif dropout and bn == 32:
+        if N >= 64:
+            bm = 32 if (has_dropout or dtype != torch.bfloat16) else 64
+        elif has_dropout and bn == 32:
             bm = 32  # 128-deep steps with two accumulators spill (64-deep ones on sm_80 with tf32)
-        elif bn == 64 and (dropout or (arch is not None and tuple(arch) < (9, 0))):
+        elif bn == 64 and (has_dropout or (arch is not None and tuple(arch) < (9, 0))):
             bm = 64  # 128-deep steps with two accumulators (or on sm_80 with the split dA) spill
-    if not need_dx:
+    if not has_dx:
         bn, bm, warps = min(bn, 64), 16, 4
     stages = _stages((bn * bm + bm * bk) * _elbytes(dtype, arch), bn * bk * 2, arch)
     if dtype == torch.float32:
-        stages = min(stages, 2 if (tokens < 64 and not dropout) else 3)
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_R": 16, "GROUP_N": 8,
+        stages = min(stages, 2 if (N < 64 and not has_dropout) else 3)
+    meta = {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_R": 16, "GROUP_N": 8,
             "num_warps": warps, "num_stages": stages}
+    return Config(meta, (cdiv(N, bn) * cdiv(K, bk),), {"T": cdiv(N, bn)})
 
 
-def norm_config(rows: int, k: int, r: int, dtype, arch, *, with_wa: bool = False) -> dict:
+def norm_config(*, M: int, dtype, arch, has_wa: bool) -> Config:
+    """``_norm_kernel``: 32 rows a program, the whole of K in steps; 32-deep steps with W0·Aᵀ."""
     half = dtype in (torch.float16, torch.bfloat16)
-    return {"BLOCK_M": 32, "BLOCK_K": 32 if with_wa else (128 if half else 64), "BLOCK_R": 16,
+    meta = {"BLOCK_M": 32, "BLOCK_K": 32 if has_wa else (128 if half else 64), "BLOCK_R": 16,
             "num_warps": 4, "num_stages": 1 if arch is None else 3}
+    return Config(meta, (cdiv(M, 32),))
 
 
-def xa_config(tokens: int, k: int, r: int, dtype, arch, *, fp32_dots: bool = False) -> dict:
+def xa_config(*, N: int, R: int, dtype, arch, fp32_dots: bool) -> Config:
     """``_xa_kernel``; ``fp32_dots``: the product runs as fp32 dots (fp32 x, or adapters of another
     dtype than a 16-bit x that cannot take the split bf16 path). Those run as tf32x3 (three
     products per step; tf32 with ``allow_tf32``), so their steps are 32 deep (64 spills on sm_80)."""
-    bn = 64 if tokens >= 16384 else (32 if tokens >= 32 else 16)
-    return {"BLOCK_N": bn, "BLOCK_K": 32 if (fp32_dots or dtype == torch.float32) else 64, "BLOCK_R": _pow2(r, 16, 32),
+    bn = 64 if N >= 16384 else (32 if N >= 32 else 16)
+    br = _pow2(R, 16, 32)
+    meta = {"BLOCK_N": bn, "BLOCK_K": 32 if (fp32_dots or dtype == torch.float32) else 64, "BLOCK_R": br,
             "num_warps": 4, "num_stages": 1 if arch is None else 3}
+    return Config(meta, (cdiv(N, bn), cdiv(R, br)))
 
 
-def bwd_g_config(tokens: int, cols: int, r: int, dtype, arch, num_sms: int) -> dict:
-    """Programs of TOK_PER_PROG tokens × COL_PER_PROG columns × one rank chunk, ~2 waves.
+def bwd_dy_config(*, N: int, M: int, R: int, dtype, arch, num_sms: int) -> Config:
+    """``_bwd_dy_kernel``: programs of TOK_PER_PROG tokens × COL_PER_PROG columns × one rank
+    chunk, about two waves of the GPU's SMs.
 
-    Rank chunks of 16, or 32 for bf16 with r > 16 (each chunk re-reads its G tiles); 64×32
-    tiles for chunks of 16 with bf16 on sm_90 and later, else 32×32 (larger tiles spill)."""
-    br = 32 if (r > 16 and dtype == torch.bfloat16 and tokens >= 64) else 16
-    bn = (64 if br == 16 else 32) if tokens >= 64 else _pow2(tokens, 16, 32)
+    Rank chunks of 16, or 32 for bf16 with R > 16 (each chunk re-reads its dy tiles); 64×32
+    tiles for chunks of 16 with bf16 on sm_90 and later, else 32×32 (larger tiles spill).
+    ``sizes``: ``T`` token groups (dm/dB partials), ``S`` column splits (gb partials), and the
+    kernel's ``TOK_PER_PROG`` / ``COL_PER_PROG``."""
+    br = 32 if (R > 16 and dtype == torch.bfloat16 and N >= 64) else 16
+    bn = (64 if br == 16 else 32) if N >= 64 else _pow2(N, 16, 32)
     if dtype != torch.bfloat16 or (arch is not None and tuple(arch) < (9, 0)):
         bn = min(bn, 32)  # 64-token tiles spill but for bf16 on sm_90+
     bm = 32
-    chunks = -(-r // br)
-    col_per = min(-(-cols // bm) * bm, 512)
-    splits = -(-cols // col_per)
-    want_t = max(1, -(-2 * num_sms // (splits * chunks)))
-    tok_per = max(bn, -(-(-(-tokens // want_t)) // bn) * bn)
-    return {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "TOK_PER_PROG": tok_per, "COL_PER_PROG": col_per,
-            "T": -(-tokens // tok_per), "S": splits, "RC": chunks,
-            "num_warps": 4, "num_stages": 1 if arch is None else 2}
+    chunks = cdiv(R, br)
+    col_per = min(cdiv(M, bm) * bm, 512)
+    splits = cdiv(M, col_per)
+    want_t = max(1, cdiv(2 * num_sms, splits * chunks))
+    tok_per = max(bn, cdiv(cdiv(N, want_t), bn) * bn)
+    T = cdiv(N, tok_per)
+    meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "num_warps": 4, "num_stages": 1 if arch is None else 2}
+    return Config(meta, (T, splits, chunks), {"T": T, "S": splits, "TOK_PER_PROG": tok_per, "COL_PER_PROG": col_per})
 
 
-def autotune_candidates(base: dict) -> list[dict]:
-    """Neighbours of a GEMM config for ``DORA_KERNELS_AUTOTUNE=1`` (GPU only)."""
+def sum_partials_config(*, RK: int, MR: int, M: int) -> Config:
+    """``_sum_partials_kernel``: 512 sums a program over dA (R·K), dB (M·R) and dm (M)."""
+    block = 512
+    return Config({"BLOCK": block, "num_warps": 4}, (cdiv(RK, block) + cdiv(MR, block) + cdiv(M, block),))
+
+
+def dm_redo_config(*, M: int) -> Config:
+    """``_dm_redo_kernel``: 16 rows a program (most return at once), 16-token × 32-deep steps."""
+    return Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 4}, (cdiv(M, 16),))
+
+
+def mask_config(*, N: int, K: int) -> Config:
+    """``_mask_kernel``: 32 × 64 tiles of the keep-mask."""
+    return Config({"BLOCK_N": 32, "BLOCK_K": 64}, (cdiv(N, 32), cdiv(K, 64)))
+
+
+# ---------------------------------------------------------------------------------------------
+# DORA_KERNELS_AUTOTUNE=1: neighbours of the two GEMM configs
+
+def _unique(configs: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for c in configs:
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def fwd_autotune_candidates(base: dict) -> list[dict]:
+    """Neighbours of a ``fwd_config`` meta (the first is ``base`` itself)."""
     out = [base]
     for bn, bc, warps in ((128, 256, 8), (64, 128, 4), (128, 64, 4), (64, 64, 4)):
         if bn <= max(base["BLOCK_N"], 64):
@@ -169,10 +222,40 @@ def autotune_candidates(base: dict) -> list[dict]:
     for st in (2, 3, 4):
         if st != base["num_stages"]:
             out.append({**base, "num_stages": st})
-    seen, uniq = set(), []
-    for c in out:
-        key = tuple(sorted(c.items()))
-        if key not in seen:
-            seen.add(key)
-            uniq.append(c)
-    return uniq
+    return _unique(out)
+
+
+def dx_autotune_candidates(base: dict) -> list[dict]:
+    """Neighbours of a ``dx_config`` meta. BLOCK_N stays: the launcher sizes the dA partials (one
+    slice per token block) from it."""
+    out = [base]
+    if base["BLOCK_N"] >= 64:
+        for bk, bm, warps in ((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4)):
+            out.append({**base, "BLOCK_K": bk, "BLOCK_M": bm, "num_warps": warps})
+    for st in (2, 3, 4):
+        out.append({**base, "num_stages": st})
+    return _unique(out)
+
+
+@dataclass(frozen=True)
+class Autotuned:
+    """What the autotuner may change in one kernel's launch: ``owned`` meta keys, the
+    ``candidates`` around a heuristic meta, the ``grid`` from the bound arguments, the
+    autotune ``key``, and ``applies(meta)``: whether this launch is tuned at all."""
+
+    owned: tuple
+    candidates: Callable
+    grid: Callable
+    key: tuple
+    applies: Callable = lambda meta: True
+
+
+AUTOTUNED = {
+    "_fwd_kernel": Autotuned(("BLOCK_N", "BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), fwd_autotune_candidates,
+                             lambda a: (cdiv(a["N"], a["BLOCK_N"]) * cdiv(a["M"], a["BLOCK_M"]),),
+                             ("N", "M", "K", "R", "HAS_BIAS", "HAS_DROPOUT")),
+    # no GEMM in a launch without HAS_DX: only the dA pass over x
+    "_dx_kernel": Autotuned(("BLOCK_K", "BLOCK_M", "num_warps", "num_stages"), dx_autotune_candidates,
+                            lambda a: (cdiv(a["N"], a["BLOCK_N"]) * cdiv(a["K"], a["BLOCK_K"]),),
+                            ("N", "M", "K", "R", "HAS_DROPOUT", "HAS_DX"), lambda meta: meta.get("HAS_DX", True)),
+}

@@ -1,10 +1,17 @@
 """Triton kernels for DoRA.
 
-Names (``nn.Linear`` convention): ``x (N, K)`` tokens × in, ``W (M, K)`` out × in,
-``A (R, K)``, ``B (M, R)``, ``m, n (M,)``; ``s`` the scaling; ``g = m / n`` (0 where n = 0).
+Names (``nn.Linear`` convention): ``x (N, K)`` tokens × in, ``W (M, K)`` out × in (``w_ptr``:
+``weight``), ``A (R, K)`` (``a_ptr``: ``lora_A``), ``B (M, R)`` (``b_ptr``: ``lora_B``), ``m, n (M,)``
+(``mag_ptr``: ``magnitude``, ``norm_ptr``: the row norms of W0 + s·B·A); ``s`` the scaling;
+``g = m / n`` (0 where n = 0, ``_gate``); ``dy = dL/dy (N, M)``; ``xa = x̃·Aᵀ (N, R)``;
+``gb = (dy ⊙ g)·B (N, R)``; ``u = x̃·W0ᵀ + s·xa·Bᵀ (N, M)``.
 
 Conventions: output pointers first, each input pointer followed by its strides, then sizes,
-then ``tl.constexpr`` meta-parameters. Values are upcast to fp32 right after the load
+then ``tl.constexpr`` meta-parameters. Kernels are launched by keyword through
+``dora_kernels.launch.launch``: a tensor passed as ``name`` fills ``name_ptr`` and the
+``stride_*`` parameters right after it; an optional tensor that is absent is ``None`` (pointer
+and strides), and its ``HAS_<NAME>`` flag is derived there. Every optional input or mode flag
+is ``HAS_*``; every block size ``BLOCK_*``. Values are upcast to fp32 right after the load
 wherever they enter arithmetic; GEMM operands stay in their storage dtype so the tensor
 cores see bf16/fp16, except under the interpreter (``UPCAST``), whose bf16 arithmetic is
 wrong. ``LORA_F32`` runs the rank-r products in fp32 (adapters wider than x, or fp32 x).
@@ -15,10 +22,10 @@ specialised by the JIT, so a layer compiles once whatever the batch size, rank o
 crashed the compiler in the dropout ``_dx_kernel``, triton 3.9).
 """
 
-import os
-
 import triton
 import triton.language as tl
+
+from .backend import INTERPRET
 
 
 @triton.jit
@@ -41,9 +48,9 @@ def _dot_exact_bf16(a, v, acc, A_FIRST: tl.constexpr):
     return acc
 
 
-# The interpreter truncates fp32 → bf16 (the GPU rounds to nearest even); read, like the
-# decorators, when this module is imported.
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# The interpreter truncates fp32 → bf16 (the GPU rounds to nearest even). Whether the kernels
+# are interpreted is fixed when they are decorated, i.e. when this module is imported.
+_INTERPRET = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -61,23 +68,49 @@ def _rounded(v, ptr):
 
 
 @triton.jit
-def _keep_mask(seed, o_n, o_k, K, p):
+def _keep_mask(dropout_seed, o_n, o_k, K, dropout_p):
     # The dropout keep-mask of x[o_n, o_k]: one Philox draw per element of x, keyed by its
     # flat index (wrapping at 2**32), so every kernel that needs x̃ rebuilds the same mask.
     offs = (o_n[:, None] * K + o_k[None, :]).to(tl.uint32)
-    return tl.rand(seed, offs) >= p
+    return tl.rand(dropout_seed, offs) >= dropout_p
 
 
-@triton.jit(do_not_specialize=["R", "stride_bm", "stride_wan"])
+@triton.jit
+def _gate(mag_ptr, norm_ptr, o_m, m_m):
+    # g = m / n for the rows o_m, in fp32; 0 where n = 0 (a zero row of V: y = bias there).
+    b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
+    return tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
+
+
+@triton.jit
+def _recip(v):
+    # 1 / v, 0 where v = 0 (no division by zero on the masked lanes).
+    return tl.where(v != 0, 1.0 / tl.where(v != 0, v, 1.0), 0.0)
+
+
+@triton.jit
+def _grouped(pid, num_n, num_c, GROUP_N: tl.constexpr):
+    # (token block, column block) of program pid in grouped order: GROUP_N token blocks share
+    # each W0 panel while it sits in L2.
+    group = pid // (GROUP_N * num_c)
+    first_n = group * GROUP_N
+    size_n = min(num_n - first_n, GROUP_N)
+    pid_n = (first_n + (pid % (GROUP_N * num_c)) % size_n).to(tl.int64)
+    pid_c = ((pid % (GROUP_N * num_c)) // size_n).to(tl.int64)
+    return pid_n, pid_c
+
+
+@triton.jit(do_not_specialize=["R", "stride_bm", "stride_wam"])
 def _norm_kernel(
-    n_ptr,  # out (M,) fp32: ‖W0 + s·B·A‖ per row
-    wa_ptr, stride_wan,  # out (M, R) fp32: W0·Aᵀ (only with WITH_WA: the exact norm gradient needs it)
+    norm_ptr,  # out (M,) fp32: ‖W0 + s·B·A‖ per row
+    wa_ptr, stride_wam, stride_war,  # out (M, R) fp32: W0·Aᵀ (norm_grad="exact" only; else None): row, rank
     w_ptr, stride_wm, stride_wk,  # W0: row, column
     a_ptr, stride_ar, stride_ak,  # A: rank, column
     b_ptr, stride_bm, stride_br,  # B: row, rank
     M, K, R, scaling,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    WITH_WA: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, PREC: tl.constexpr,
+    HAS_WA: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,8 +133,8 @@ def _norm_kernel(
                 b_b = b_b.to(tl.float32)
                 b_a = b_a.to(tl.float32)
             b_ba = tl.dot(b_b, b_a, b_ba, input_precision=PREC)
-            if WITH_WA:
-                p_wa = wa_ptr + o_m[:, None] * stride_wan + (r0 + o_r)[None, :]
+            if HAS_WA:
+                p_wa = wa_ptr + o_m[:, None] * stride_wam + (r0 + o_r)[None, :] * stride_war
                 m_wa = m_m[:, None] & m_r[None, :]
                 b_wa = tl.dot(b_w.to(tl.float32), tl.trans(b_a.to(tl.float32)), input_precision=PREC)
                 if k0 > 0:
@@ -109,15 +142,15 @@ def _norm_kernel(
                 tl.store(p_wa, b_wa, mask=m_wa)
         b_v = b_w.to(tl.float32) + scaling * b_ba
         b_sq += tl.sum(b_v * b_v, axis=1)
-    tl.store(n_ptr + o_m, tl.sqrt(b_sq), mask=m_m)
+    tl.store(norm_ptr + o_m, tl.sqrt(b_sq), mask=m_m)
 
 
-@triton.jit(do_not_specialize=["N", "R", "seed"])
+@triton.jit(do_not_specialize=["N", "R", "dropout_seed"])
 def _xa_kernel(
     xa_ptr,  # out (N, R), contiguous: x̃·Aᵀ (fp32, or the adapters' 16-bit dtype)
     x_ptr, stride_xn, stride_xk,  # x: token, column
     a_ptr, stride_ar, stride_ak,  # A: rank, column
-    N, K, R, p, seed, inv_keep,
+    N, K, R, dropout_p, dropout_seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, SPLIT: tl.constexpr,
     PREC: tl.constexpr,
@@ -135,7 +168,7 @@ def _xa_kernel(
         b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
                       mask=m_n[:, None] & m_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            b_x = tl.where(_keep_mask(seed, o_n, o_k, K, p), b_x, 0.0)
+            b_x = tl.where(_keep_mask(dropout_seed, o_n, o_k, K, dropout_p), b_x, 0.0)
         b_at = tl.load(a_ptr + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak,
                        mask=m_r[None, :] & m_k[:, None], other=0.0)
         if SPLIT:
@@ -149,31 +182,24 @@ def _xa_kernel(
     tl.store(xa_ptr + o_n[:, None] * R + o_r[None, :], _rounded(b_acc, xa_ptr), mask=m_n[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["N", "R", "seed", "stride_bm"])
+@triton.jit(do_not_specialize=["N", "R", "dropout_seed", "stride_bm"])
 def _fwd_kernel(
     y_ptr, stride_yn, stride_ym,  # out (N, M): y
-    u_ptr, stride_un, stride_um,  # out (N, M): u = x̃·W0ᵀ + s·x̃·Aᵀ·Bᵀ, what dm needs (only with STORE_U)
+    u_ptr, stride_un, stride_um,  # out (N, M): u = x̃·W0ᵀ + s·xa·Bᵀ for the backward (HAS_U; else None)
     x_ptr, stride_xn, stride_xk,  # x: token, column
     w_ptr, stride_wm, stride_wk,  # W0: row, column
     b_ptr, stride_bm, stride_br,  # B: row, rank
     xa_ptr,  # (N, R), contiguous
-    mag_ptr, norm_ptr, bias_ptr,  # (M,) each
-    N, M, K, R, scaling, p, seed, inv_keep,
+    mag_ptr, norm_ptr,  # (M,) each
+    bias_ptr,  # (M,) (HAS_BIAS; else None)
+    N, M, K, R, scaling, dropout_p, dropout_seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_U: tl.constexpr,
+    GROUP_N: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, EPI_PREC: tl.constexpr,
 ):
     # y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias                                   (no dropout)
     # y = x·W0ᵀ + bias + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ s·xa·Bᵀ, xa = x̃·Aᵀ    (dropout; PEFT's order)
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.cdiv(M, BLOCK_M)
-    # Grouped order: GROUP_N token blocks share each W0 column panel while it sits in L2.
-    group = pid // (GROUP_N * num_m)
-    first_n = group * GROUP_N
-    size_n = min(num_n - first_n, GROUP_N)
-    pid_n = (first_n + (pid % (GROUP_N * num_m)) % size_n).to(tl.int64)
-    pid_m = ((pid % (GROUP_N * num_m)) // size_n).to(tl.int64)
+    pid_n, pid_m = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
     i_n = tl.arange(0, BLOCK_N)
     i_m = tl.arange(0, BLOCK_M)
     i_k = tl.arange(0, BLOCK_K)
@@ -197,7 +223,7 @@ def _fwd_kernel(
         b_acc = tl.dot(b_x, b_wt, b_acc, input_precision=PREC)
         if HAS_DROPOUT:
             # x·keep is exact in x's dtype; 1/(1 − p) is applied to the fp32 sum.
-            b_xd = tl.where(_keep_mask(seed, o_n, k0 + i_k, K, p), b_x, 0.0).to(b_x.dtype)
+            b_xd = tl.where(_keep_mask(dropout_seed, o_n, k0 + i_k, K, dropout_p), b_x, 0.0).to(b_x.dtype)
             b_accd = tl.dot(b_xd, b_wt, b_accd, input_precision=PREC)
         p_x += BLOCK_K * stride_xk
         p_wt += BLOCK_K * stride_wk
@@ -217,39 +243,38 @@ def _fwd_kernel(
             b_lora = tl.dot(b_xa, b_bt, b_lora, input_precision=EPI_PREC)
         else:
             b_acc = tl.dot(b_xa * scaling, b_bt, b_acc, input_precision=EPI_PREC)
-    b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
-    b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
-    b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
+    b_g = _gate(mag_ptr, norm_ptr, o_m, m_m)
     if HAS_DROPOUT:
         b_u = b_accd * inv_keep + scaling * b_lora
         b_y = b_acc + b_g[None, :] * b_u - b_accd * inv_keep
     else:
         b_u = b_acc
         b_y = b_g[None, :] * b_acc
-    if STORE_U:
+    if HAS_U:
         tl.store(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um,
                  _rounded(b_u, u_ptr), mask=m_n[:, None] & m_m[None, :])
     if HAS_BIAS:
         b_y += tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + o_n[:, None] * stride_yn + o_m[None, :] * stride_ym,
-                 _rounded(b_y, y_ptr), mask=m_n[:, None] & m_m[None, :])
+             _rounded(b_y, y_ptr), mask=m_n[:, None] & m_m[None, :])
 
 
 @triton.jit(do_not_specialize=["N", "R", "stride_bm"])
-def _bwd_g_kernel(
-    gb_ptr,  # out (S, N, R) fp32: per column split, (G ⊙ g)·B
-    dm_ptr,  # out (T, M) fp32: per token group, Σ_tokens G ⊙ u
-    db_ptr,  # out (T, M, R) fp32: per token group, (G ⊙ g)ᵀ·xa
-    g_ptr, stride_gn, stride_gm,  # G = dL/dy: token, column
-    u_ptr, stride_un, stride_um,  # u (ũ with dropout), or y with FROM_Y (no bias), saved by the forward
+def _bwd_dy_kernel(
+    gb_part_ptr,  # out (S, N, R) fp32: per column split, (dy ⊙ g)·B
+    dm_part_ptr,  # out (T, M) fp32: per token group, Σ_tokens dy ⊙ u
+    db_part_ptr,  # out (T, M, R) fp32: per token group, (dy ⊙ g)ᵀ·xa
+    dy_ptr, stride_dyn, stride_dym,  # dy = dL/dy: token, column
+    u_ptr, stride_un, stride_um,  # u (ũ with dropout) saved by the forward (HAS_U), or None
+    y_ptr, stride_yn, stride_ym,  # or the output y instead (HAS_Y: save_output, no dropout, no bias)
     xa_ptr,  # (N, R), contiguous
     b_ptr, stride_bm, stride_br,  # B: row, rank
     mag_ptr, norm_ptr,  # (M,) each
     N, M, R, TOK_PER_PROG, COL_PER_PROG,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    FROM_Y: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    HAS_U: tl.constexpr, HAS_Y: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    # One pass over G. Program (t, s, c) covers TOK_PER_PROG tokens × COL_PER_PROG columns ×
+    # One pass over dy. Program (t, s, c) covers TOK_PER_PROG tokens × COL_PER_PROG columns ×
     # one rank chunk; it owns its slices of the dm/dB partials (read-modify-write, no races).
     pid_t = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -268,69 +293,73 @@ def _bwd_g_kernel(
             o_m = m0 + tl.arange(0, BLOCK_M)
             m_m = o_m < M
             m_nm = m_n[:, None] & m_m[None, :]
-            b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
-            b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
-            b_G = tl.load(g_ptr + o_n[:, None] * stride_gn + o_m[None, :] * stride_gm, mask=m_nm, other=0.0)
+            b_g = _gate(mag_ptr, norm_ptr, o_m, m_m)
+            b_dy = tl.load(dy_ptr + o_n[:, None] * stride_dyn + o_m[None, :] * stride_dym, mask=m_nm, other=0.0)
             b_bm = tl.load(b_ptr + o_m[:, None] * stride_bm + o_r[None, :] * stride_br,
                            mask=m_m[:, None] & m_r[None, :], other=0.0).to(tl.float32)
-            # g scales B's rows and dB's rows instead of G, so G enters the dots as loaded:
-            # gb = G·(g ⊙ B), dB = g ⊙ (Gᵀ·xa).
+            # g scales B's rows and dB's rows instead of dy, so dy enters the dots as loaded:
+            # gb = dy·(g ⊙ B), dB = g ⊙ (dyᵀ·xa).
             b_c = b_bm * b_g[:, None]
             if SPLIT:
-                b_gb = _dot_exact_bf16(b_G, b_c, b_gb, True)
-                b_gtx = _dot_exact_bf16(tl.trans(b_G), b_xa, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), True)
+                b_gb = _dot_exact_bf16(b_dy, b_c, b_gb, True)
+                b_dyx = _dot_exact_bf16(tl.trans(b_dy), b_xa, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), True)
             else:
-                b_Gf = b_G.to(tl.float32)
-                b_gb = tl.dot(b_Gf, b_c, b_gb, input_precision=PREC)
-                b_gtx = tl.dot(tl.trans(b_Gf), b_xa, input_precision=PREC)
+                b_dyf = b_dy.to(tl.float32)
+                b_gb = tl.dot(b_dyf, b_c, b_gb, input_precision=PREC)
+                b_dyx = tl.dot(tl.trans(b_dyf), b_xa, input_precision=PREC)
             # The first token block of the program starts the partials; later ones add to them.
             m_prev = (o_m * 0 + n0) > tok0
-            p_db = db_ptr + (pid_t * M + o_m[:, None]) * R + o_r[None, :]
+            p_db = db_part_ptr + (pid_t * M + o_m[:, None]) * R + o_r[None, :]
             m_db = m_m[:, None] & m_r[None, :]
-            b_db = b_gtx * b_g[:, None] + tl.load(p_db, mask=m_db & m_prev[:, None], other=0.0)
+            b_db = b_dyx * b_g[:, None] + tl.load(p_db, mask=m_db & m_prev[:, None], other=0.0)
             tl.store(p_db, b_db, mask=m_db)
             if pid_c == 0:
-                b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um, mask=m_nm,
-                              other=0.0).to(tl.float32)
-                b_dm = tl.sum(b_G.to(tl.float32) * b_u, axis=0)
-                if FROM_Y:
-                    # No bias (the op saves y only then): u = y / g, so Σ G ⊙ u = Σ G ⊙ y / g per
-                    # column. Columns with g = 0 add nothing: dm is 0 where n = 0, and the finalize
-                    # kernel makes the rows with |m| < G_REDO · n again from x and W0.
-                    b_dm *= tl.where(b_g != 0, 1.0 / tl.where(b_g != 0, b_g, 1.0), 0.0)
-                p_dm = dm_ptr + pid_t * M + o_m
+                if HAS_Y:
+                    # No bias (the op saves y only then): u = y / g, so Σ dy ⊙ u = Σ dy ⊙ y / g per
+                    # column. Columns with g = 0 add nothing: dm is 0 where n = 0, and
+                    # _dm_redo_kernel makes the rows with |m| < G_REDO · n again from x and W0.
+                    b_u = tl.load(y_ptr + o_n[:, None] * stride_yn + o_m[None, :] * stride_ym, mask=m_nm,
+                                  other=0.0).to(tl.float32)
+                    b_dm = tl.sum(b_dy.to(tl.float32) * b_u, axis=0) * _recip(b_g)
+                else:
+                    b_u = tl.load(u_ptr + o_n[:, None] * stride_un + o_m[None, :] * stride_um, mask=m_nm,
+                                  other=0.0).to(tl.float32)
+                    b_dm = tl.sum(b_dy.to(tl.float32) * b_u, axis=0)
+                p_dm = dm_part_ptr + pid_t * M + o_m
                 b_dm += tl.load(p_dm, mask=m_m & m_prev, other=0.0)
                 tl.store(p_dm, b_dm, mask=m_m)
-        tl.store(gb_ptr + (pid_s * N + o_n[:, None]) * R + o_r[None, :], b_gb, mask=m_n[:, None] & m_r[None, :])
+        tl.store(gb_part_ptr + (pid_s * N + o_n[:, None]) * R + o_r[None, :], b_gb, mask=m_n[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["N", "R", "S", "seed"])
+@triton.jit
+def _sum_gb(gb_part_ptr, o_n, m_n, o_r, R, N, S):
+    # gb rows o_n, ranks o_r: the sum of the S column-split partials (N, R) fp32.
+    m = m_n[:, None] & (o_r < R)[None, :]
+    b_gb = tl.load(gb_part_ptr + o_n[:, None] * R + o_r[None, :], mask=m, other=0.0)
+    for s in range(1, S):
+        b_gb += tl.load(gb_part_ptr + (s * N + o_n[:, None]) * R + o_r[None, :], mask=m, other=0.0)
+    return b_gb
+
+
+@triton.jit(do_not_specialize=["N", "R", "S", "dropout_seed"])
 def _dx_kernel(
-    dx_ptr, stride_dxn, stride_dxk,  # out (N, K): dx
-    da_ptr,  # out (T, R, K) fp32: per token block, gbᵀ·(x ⊙ keep)
-    g_ptr, stride_gn, stride_gm,  # G: token, column
+    dx_ptr, stride_dxn, stride_dxk,  # out (N, K): dx (HAS_DX: x needs a gradient; else None)
+    da_part_ptr,  # out (T, R, K) fp32: per token block, gbᵀ·(x ⊙ keep)
+    dy_ptr, stride_dyn, stride_dym,  # dy: token, column
     w_ptr, stride_wm, stride_wk,  # W0: row, column
     a_ptr, stride_ar, stride_ak,  # A: rank, column
     x_ptr, stride_xn, stride_xk,  # x: token, column
-    gb_ptr,  # (S, N, R) fp32 partials of gb = (G ⊙ g)·B
+    gb_part_ptr,  # (S, N, R) fp32 partials of gb = (dy ⊙ g)·B
     mag_ptr, norm_ptr,  # (M,) each
-    N, M, K, R, S, scaling, p, seed, inv_keep,
+    N, M, K, R, S, scaling, dropout_p, dropout_seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, WITH_DX: tl.constexpr,
+    GROUP_N: tl.constexpr, HAS_DX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Without WITH_DX (x needs no gradient) only the dA partials are made.
-    # dx = (G ⊙ g)·W0 + s·gb·A                                            (no dropout)
-    # dx = G·W0 + keep/(1 − p) ⊙ [((g − 1) ⊙ G)·W0 + s·gb·A]               (dropout)
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_k = tl.cdiv(K, BLOCK_K)
-    group = pid // (GROUP_N * num_k)
-    first_n = group * GROUP_N
-    size_n = min(num_n - first_n, GROUP_N)
-    pid_n = (first_n + (pid % (GROUP_N * num_k)) % size_n).to(tl.int64)
-    pid_k = ((pid % (GROUP_N * num_k)) // size_n).to(tl.int64)
+    # Without HAS_DX only the dA partials are made.
+    # dx = (dy ⊙ g)·W0 + s·gb·A                                            (no dropout)
+    # dx = dy·W0 + keep/(1 − p) ⊙ [((g − 1) ⊙ dy)·W0 + s·gb·A]              (dropout)
+    pid_n, pid_k = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_n = o_n < N
@@ -338,32 +367,30 @@ def _dx_kernel(
     b_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if HAS_DROPOUT:
         b_accd = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if WITH_DX:
+    if HAS_DX:
         for m0 in range(0, M, BLOCK_M):
             o_m = m0 + tl.arange(0, BLOCK_M)
             m_m = o_m < M
-            b_G = tl.load(g_ptr + o_n[:, None] * stride_gn + o_m[None, :] * stride_gm,
-                          mask=m_n[:, None] & m_m[None, :], other=0.0)
+            b_dy = tl.load(dy_ptr + o_n[:, None] * stride_dyn + o_m[None, :] * stride_dym,
+                           mask=m_n[:, None] & m_m[None, :], other=0.0)
             b_w = tl.load(w_ptr + o_m[:, None] * stride_wm + o_k[None, :] * stride_wk,
                           mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
-            b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
-            b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
+            b_g = _gate(mag_ptr, norm_ptr, o_m, m_m)
             if UPCAST:
                 b_w = b_w.to(tl.float32)
             if HAS_DROPOUT:
-                b_acc = tl.dot(b_G.to(b_w.dtype), b_w, b_acc, input_precision=PREC)
-                b_gd = (b_G.to(tl.float32) * (b_g - 1.0)[None, :]).to(b_w.dtype)
-                b_accd = tl.dot(b_gd, b_w, b_accd, input_precision=PREC)
+                b_acc = tl.dot(b_dy.to(b_w.dtype), b_w, b_acc, input_precision=PREC)
+                b_dyd = (b_dy.to(tl.float32) * (b_g - 1.0)[None, :]).to(b_w.dtype)
+                b_accd = tl.dot(b_dyd, b_w, b_accd, input_precision=PREC)
             else:
-                b_gs = (b_G.to(tl.float32) * b_g[None, :]).to(b_w.dtype)
-                b_acc = tl.dot(b_gs, b_w, b_acc, input_precision=PREC)
+                b_dys = (b_dy.to(tl.float32) * b_g[None, :]).to(b_w.dtype)
+                b_acc = tl.dot(b_dys, b_w, b_acc, input_precision=PREC)
     if HAS_DROPOUT:
-        m_keep = _keep_mask(seed, o_n, o_k, K, p)
+        m_keep = _keep_mask(dropout_seed, o_n, o_k, K, dropout_p)
     o_r = tl.arange(0, BLOCK_R)
-    if WITH_DX:
+    if HAS_DX:
         for r0 in range(0, R, BLOCK_R):
-            b_gb = _sum_gb(gb_ptr, o_n, m_n, r0 + o_r, R, N, S)
+            b_gb = _sum_gb(gb_part_ptr, o_n, m_n, r0 + o_r, R, N, S)
             b_a = tl.load(a_ptr + (r0 + o_r)[:, None] * stride_ar + o_k[None, :] * stride_ak,
                           mask=((r0 + o_r) < R)[:, None] & m_k[None, :], other=0.0).to(tl.float32)
             # s·gb·A joins the accumulator of the dropped path (or the only one).
@@ -383,23 +410,13 @@ def _dx_kernel(
     if not SPLIT:
         b_x = b_x.to(tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        b_gb = _sum_gb(gb_ptr, o_n, m_n, r0 + o_r, R, N, S)
+        b_gb = _sum_gb(gb_part_ptr, o_n, m_n, r0 + o_r, R, N, S)
         if SPLIT:
             b_da = _dot_exact_bf16(b_x, tl.trans(b_gb), tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), False)
         else:
             b_da = tl.dot(tl.trans(b_gb), b_x, input_precision=PREC)
-        tl.store(da_ptr + (pid_n * R + (r0 + o_r)[:, None]) * K + o_k[None, :], b_da,
+        tl.store(da_part_ptr + (pid_n * R + (r0 + o_r)[:, None]) * K + o_k[None, :], b_da,
                  mask=((r0 + o_r) < R)[:, None] & m_k[None, :])
-
-
-@triton.jit
-def _sum_gb(gb_ptr, o_n, m_n, o_r, R, N, S):
-    # gb rows o_n, ranks o_r: the sum of the S column-split partials (N, R) fp32.
-    m = m_n[:, None] & (o_r < R)[None, :]
-    b_gb = tl.load(gb_ptr + o_n[:, None] * R + o_r[None, :], mask=m, other=0.0)
-    for s in range(1, S):
-        b_gb += tl.load(gb_ptr + (s * N + o_n[:, None]) * R + o_r[None, :], mask=m, other=0.0)
-    return b_gb
 
 
 @triton.jit
@@ -413,38 +430,71 @@ def _sum_rows(out_ptr, part_ptr, T, L, pid, scale, BLOCK: tl.constexpr):
     tl.store(out_ptr + o_l, _rounded((b_acc * scale), out_ptr), mask=m_l)
 
 
-@triton.jit
-def _redo(mag_ptr, o, mask, b_nrm, G_REDO: tl.constexpr):
-    # The rows whose dm the backward that read y makes again: |m| < G_REDO · n (NaN m too), n > 0.
-    b_mag = tl.abs(tl.load(mag_ptr + o, mask=mask, other=1.0).to(tl.float32))
-    return ~(b_mag >= G_REDO * b_nrm) & (b_nrm > 0)
+@triton.jit(do_not_specialize=["TA", "TB"])
+def _sum_partials_kernel(
+    da_ptr,  # out (R, K): dA = s/(1 − p) · Σ_t da_part[t]
+    db_ptr,  # out (M, R): dB = s · Σ_t db_part[t]
+    dm_ptr,  # out (M,): dm = Σ_t dm_part[t] / n (0 where n = 0)
+    da_part_ptr, db_part_ptr, dm_part_ptr,  # (TA, R·K), (TB, M·R), (TB, M) fp32
+    norm_ptr,  # (M,)
+    TA, TB, RK, MR, M, scale_a, scale_b,
+    BLOCK: tl.constexpr,
+):
+    # One launch sums every token-reduction partial of the backward: programs [0, na) make dA,
+    # [na, na + nb) dB, the rest dm.
+    pid = tl.program_id(0)
+    na = tl.cdiv(RK, BLOCK)
+    nb = tl.cdiv(MR, BLOCK)
+    if pid < na:
+        _sum_rows(da_ptr, da_part_ptr, TA, RK, pid, scale_a, BLOCK)
+    elif pid < na + nb:
+        _sum_rows(db_ptr, db_part_ptr, TB, MR, pid - na, scale_b, BLOCK)
+    else:
+        o_m = (pid - na - nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m_m = o_m < M
+        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(0, TB):
+            b_acc += tl.load(dm_part_ptr + t * M + o_m, mask=m_m, other=0.0)
+        b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
+        tl.store(dm_ptr + o_m, _rounded(tl.where(b_nrm > 0, b_acc / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0), dm_ptr),
+                 mask=m_m)
 
 
-@triton.jit
-def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, stride_xk, w_ptr, stride_wm,
-                  stride_wk, xa_ptr, b_ptr, stride_bm, stride_br, mag_ptr, norm_ptr, N, K, R, scaling,
-                  FB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                  UPCAST: tl.constexpr, PREC: tl.constexpr, G_REDO: tl.constexpr):
-    # dm = Σ_tokens G ⊙ u / n for the rows j0 .. j0 + FB with |m| < G_REDO · n, n > 0, where the
-    # saved output y = g·u carries u too coarsely (not at all where m = 0; below fp16's normal
+@triton.jit(do_not_specialize=["N", "R"])
+def _dm_redo_kernel(
+    dm_ptr,  # out (M,): dm of the rows with |m| < G_REDO · n (or NaN m), n > 0; other rows untouched
+    dy_ptr, stride_dyn, stride_dym,  # dy: token, column
+    x_ptr, stride_xn, stride_xk,  # x: token, column
+    w_ptr, stride_wm, stride_wk,  # W0: row, column
+    xa_ptr,  # (N, R), contiguous
+    b_ptr, stride_bm, stride_br,  # B: row, rank
+    mag_ptr, norm_ptr,  # (M,) each
+    N, M, K, R, scaling,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, G_REDO: tl.constexpr,
+):
+    # After a backward that read the output y (save_output): dm = Σ_tokens dy ⊙ u / n for the
+    # rows where y = g·u carries u too coarsely (not at all where m = 0; below fp16's normal
     # range sooner than u): u = x·W0ᵀ + s·xa·Bᵀ is made again for those rows (rare: DoRA starts
-    # at m = n and stays near it). The loops are not software-pipelined and the offsets are
-    # 32-bit (either made ptxas spill): where an operand's offsets do not fit in 31 bits the
-    # launcher makes these rows with torch instead.
-    o_j = j0 + tl.arange(0, FB)
+    # at m = n and stays near it); a program whose BLOCK_M rows have none returns at once. It
+    # runs after _sum_partials_kernel on the same stream and overwrites those rows. The loops
+    # are not software-pipelined and the offsets are 32-bit (either made ptxas spill): where an
+    # operand's offsets do not fit in 31 bits the launcher makes these rows with torch instead.
+    o_j = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_j = o_j < M
     b_nrm = tl.load(norm_ptr + o_j, mask=m_j, other=1.0)
-    b_redo = _redo(mag_ptr, o_j, m_j, b_nrm, G_REDO) & m_j
+    b_mag = tl.abs(tl.load(mag_ptr + o_j, mask=m_j, other=1.0).to(tl.float32))
+    b_redo = ~(b_mag >= G_REDO * b_nrm) & (b_nrm > 0) & m_j
     if tl.sum(b_redo.to(tl.int32), axis=0) > 0:
-        i_t = tl.arange(0, BT)
-        i_k = tl.arange(0, BK)
-        i_r = tl.arange(0, BR)
-        b_dm = tl.zeros((FB,), dtype=tl.float32)
-        for t0 in tl.range(0, N, BT, num_stages=1):
+        i_t = tl.arange(0, BLOCK_N)
+        i_k = tl.arange(0, BLOCK_K)
+        i_r = tl.arange(0, BLOCK_R)
+        b_dm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for t0 in tl.range(0, N, BLOCK_N, num_stages=1):
             o_t = t0 + i_t
             m_t = o_t < N
-            b_u = tl.zeros((BT, FB), dtype=tl.float32)
-            for k0 in tl.range(0, K, BK, num_stages=1):
+            b_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=1):
                 m_k = (k0 + i_k) < K
                 b_x = tl.load(x_ptr + o_t[:, None] * stride_xn + (k0 + i_k)[None, :] * stride_xk,
                               mask=m_t[:, None] & m_k[None, :], other=0.0)
@@ -454,68 +504,27 @@ def _dm_redo_rows(dm_ptr, j0, M, g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, 
                     b_x = b_x.to(tl.float32)
                     b_wt = b_wt.to(tl.float32)
                 b_u = tl.dot(b_x, b_wt, b_u, input_precision=PREC)
-            for r0 in tl.range(0, R, BR, num_stages=1):
+            for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
                 m_r = (r0 + i_r) < R
                 b_xa = tl.load(xa_ptr + o_t[:, None] * R + (r0 + i_r)[None, :], mask=m_t[:, None] & m_r[None, :],
                                other=0.0).to(tl.float32)
                 b_bt = tl.load(b_ptr + o_j[None, :] * stride_bm + (r0 + i_r)[:, None] * stride_br,
                                mask=b_redo[None, :] & m_r[:, None], other=0.0).to(tl.float32)
                 b_u = tl.dot(b_xa * scaling, b_bt, b_u, input_precision=PREC)
-            b_G = tl.load(g_ptr + o_t[:, None] * stride_gn + o_j[None, :] * stride_gm,
-                          mask=m_t[:, None] & b_redo[None, :], other=0.0)
-            b_dm += tl.sum(b_G.to(tl.float32) * b_u, axis=0)
+            b_dy = tl.load(dy_ptr + o_t[:, None] * stride_dyn + o_j[None, :] * stride_dym,
+                           mask=m_t[:, None] & b_redo[None, :], other=0.0)
+            b_dm += tl.sum(b_dy.to(tl.float32) * b_u, axis=0)
         tl.store(dm_ptr + o_j, _rounded(b_dm / b_nrm, dm_ptr), mask=b_redo)
 
 
-@triton.jit(do_not_specialize=["Ta", "Tb", "N", "R"])
-def _finalize_kernel(
-    da_ptr,  # out (R, K): dA = s/(1 − p) · Σ_t da_part[t]
-    db_ptr,  # out (M, R): dB = s · Σ_t db_part[t]
-    dm_ptr,  # out (M,): dm = Σ_t dm_part[t] / n (0 where n = 0)
-    da_part_ptr, db_part_ptr, dm_part_ptr,  # (Ta, R·K), (Tb, M·R), (Tb, M) fp32
-    norm_ptr, mag_ptr,  # (M,) each
-    # with REDO_ROWS (the backward read y, not u): what rows with |m| < G_REDO · n need
-    g_ptr, stride_gn, stride_gm, x_ptr, stride_xn, stride_xk, w_ptr, stride_wm, stride_wk,
-    xa_ptr, b_ptr, stride_bm, stride_br,
-    Ta, Tb, RK, MR, M, scale_a, scale_b, N, K, R, scaling,
-    BLOCK: tl.constexpr, REDO_ROWS: tl.constexpr, FB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BR: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, G_REDO: tl.constexpr,
-):
-    # One launch sums every token-reduction partial of the backward: programs
-    # [0, na) make dA, [na, na + nb) dB, [na + nb, na + nb + nm) dm, and with REDO_ROWS one
-    # program per FB rows after those makes dm of its rows with |m| < G_REDO · n, n > 0 (if any).
-    pid = tl.program_id(0)
-    na = tl.cdiv(RK, BLOCK)
-    nb = tl.cdiv(MR, BLOCK)
-    nm = tl.cdiv(M, BLOCK)
-    if pid < na:
-        _sum_rows(da_ptr, da_part_ptr, Ta, RK, pid, scale_a, BLOCK)
-    elif pid < na + nb:
-        _sum_rows(db_ptr, db_part_ptr, Tb, MR, pid - na, scale_b, BLOCK)
-    elif pid < na + nb + nm:
-        o_m = (pid - na - nb).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m_m = o_m < M
-        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for t in range(0, Tb):
-            b_acc += tl.load(dm_part_ptr + t * M + o_m, mask=m_m, other=0.0)
-        b_nrm = tl.load(norm_ptr + o_m, mask=m_m, other=1.0)
-        b_dm = tl.where(b_nrm > 0, b_acc / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)
-        if REDO_ROWS:  # those rows are the later programs'
-            m_m &= ~_redo(mag_ptr, o_m, m_m, b_nrm, G_REDO)
-        tl.store(dm_ptr + o_m, _rounded(b_dm, dm_ptr), mask=m_m)
-    elif REDO_ROWS:
-        _dm_redo_rows(dm_ptr, (pid - na - nb - nm).to(tl.int64) * FB, M, g_ptr, stride_gn, stride_gm, x_ptr,
-                      stride_xn, stride_xk, w_ptr, stride_wm, stride_wk, xa_ptr, b_ptr, stride_bm, stride_br,
-                      mag_ptr, norm_ptr, N, K, R, scaling, FB, BT, BK, BR, UPCAST, PREC, G_REDO)
-
-
-@triton.jit(do_not_specialize=["N", "seed"])
+@triton.jit(do_not_specialize=["N", "dropout_seed"])
 def _mask_kernel(
-    out_ptr,  # out (N, K) int8: the dropout keep-mask the other kernels build from `seed`
-    N, K, p, seed,
+    mask_ptr,  # out (N, K) int8, contiguous: the keep-mask the other kernels build from dropout_seed
+    N, K, dropout_p, dropout_seed,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     o_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = (o_n < N)[:, None] & (o_k < K)[None, :]
-    tl.store(out_ptr + o_n[:, None] * K + o_k[None, :], _keep_mask(seed, o_n, o_k, K, p).to(tl.int8), mask=m)
+    b_keep = _keep_mask(dropout_seed, o_n, o_k, K, dropout_p)
+    tl.store(mask_ptr + o_n[:, None] * K + o_k[None, :], b_keep.to(tl.int8), mask=m)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import NORM_GRADS, dora_linear, weight_norm
+from .common import NORM_GRADS, gate, recip
+from .ops import dora_linear, weight_norm
 
 
 class DoRALinear(nn.Module):
@@ -126,7 +127,7 @@ class DoRALinear(nn.Module):
         if self.merged:
             return
         norm = weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)[0]
-        g = torch.where(norm > 0, self.magnitude.float() / norm.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        g = gate(self.magnitude, norm)
         delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
         self.weight.data = (g[:, None] * (self.weight.float() + delta)).to(self.weight.dtype)
         self._merged_norm = norm
@@ -139,8 +140,8 @@ class DoRALinear(nn.Module):
         if not self.merged:
             return
         norm = self._merged_norm
-        g = torch.where(norm > 0, self.magnitude.float() / norm.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        inv = torch.where(g != 0, 1.0 / torch.where(g != 0, g, 1.0), 0.0)
+        g = gate(self.magnitude, norm)
+        inv = recip(g, g != 0)
         delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
         self.weight.data = (self.weight.float() * inv[:, None] - delta).to(self.weight.dtype)
         self._merged_norm = None

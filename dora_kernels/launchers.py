@@ -1,0 +1,216 @@
+"""The Triton bodies of the op: launchers that take and return tensors.
+
+Each launcher plans its launches with ``heuristics`` and issues them through
+``runtime.launch`` by keyword; ``torch_path`` holds the same functions, with the same
+arguments, in pure torch. Shapes: ``x (N, K)``, ``weight (M, K)``, ``lora_A (R, K)``,
+``lora_B (M, R)``, ``magnitude, norm, bias (M,)``, ``dy = dL/dy (N, M)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import heuristics as H
+from . import kernels as K_
+from .backend import INTERPRET
+from .common import G_REDO, HALF, u_dtype, xa_dtype
+from .runtime import launch, target
+from .torch_path import dm_redo as dm_redo_torch
+
+# ---------------------------------------------------------------------------------------------
+# numerics switches
+
+
+def _prec() -> str:
+    # The GPU's fp32 tl.dot defaults to tf32; follow torch's switch for fp32 matmuls instead.
+    # Without tf32, "tf32x3" (three tf32 products) keeps fp32 accuracy on the tensor cores
+    # (the "ieee" FMA path spills registers in these kernels).
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def _epi_prec() -> str:
+    # The forward's one rank-r dot per tile: plain fp32 FMAs fit its registers best.
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _split(x_dtype) -> bool:
+    # bf16 dy and x are exact as bf16 dot operands: the fp32 rank-r operands are split into
+    # three bf16 parts instead (kernels._dot_exact_bf16). Not under the interpreter, whose
+    # bf16 dots are wrong (tests/test_split_dots.py patches it to check this path).
+    return x_dtype == torch.bfloat16 and not INTERPRET
+
+
+def _upcast(dtype) -> bool:
+    # The interpreter computes bf16 arithmetic and bf16 dots wrongly: upcast after the load.
+    return INTERPRET and dtype in HALF
+
+
+def _lora_f32(x_dtype, a_dtype) -> bool:
+    return INTERPRET or x_dtype not in HALF or a_dtype != x_dtype
+
+
+def offsets_fit_int32(t: torch.Tensor) -> bool:
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0) < 2**31
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout mask, weight norm
+
+def dropout_mask(dropout_seed: int, N: int, K: int, dropout_p: float, device) -> torch.Tensor:
+    """The (N, K) bool keep-mask the kernels build from ``dropout_seed``."""
+    mask = torch.empty((N, K), dtype=torch.int8, device=device)
+    if N and K:
+        cfg = H.mask_config(N=N, K=K)
+        launch(K_._mask_kernel, cfg.grid, cfg.meta, flops=N * K, unit="vector", writes=[mask],
+               mask=mask, N=N, K=K, dropout_p=float(dropout_p), dropout_seed=int(dropout_seed))
+    return mask.bool()
+
+
+def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False):
+    """``(norm, wa)``: ``‖W0 + s·B·A‖`` (M,) fp32 in one pass over W0, never forming B·A; with
+    ``with_wa`` also ``W0·Aᵀ`` (M, R) fp32 (the exact norm gradient needs it), else None."""
+    M, K = weight.shape
+    R = lora_A.shape[0]
+    norm = torch.empty(M, dtype=torch.float32, device=weight.device)
+    wa = torch.empty((M, R), dtype=torch.float32, device=weight.device) if with_wa else None
+    if M == 0:
+        return norm, wa
+    arch, _ = target(weight)
+    cfg = H.norm_config(M=M, dtype=weight.dtype, arch=arch, has_wa=with_wa)
+    meta = dict(cfg.meta, UPCAST=_upcast(weight.dtype) or _upcast(lora_A.dtype),
+                LORA_F32=_lora_f32(weight.dtype, lora_A.dtype), PREC=_prec())
+    launch(K_._norm_kernel, cfg.grid, meta, flops=2 * M * K * R * (2 if with_wa else 1) + 3 * M * K,
+           reads=[weight, lora_A, lora_B], writes=[norm] + ([wa] if with_wa else []),
+           norm=norm, wa=wa, w=weight, a=lora_A, b=lora_B, M=M, K=K, R=R, scaling=float(scaling))
+    return norm, wa
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+def _xa(x, lora_A, *, dropout_p, dropout_seed):
+    """xa = x̃·Aᵀ (N, R) in ``xa_dtype``."""
+    N, K = x.shape
+    R = lora_A.shape[0]
+    xa = torch.empty((N, R), dtype=xa_dtype(lora_A.dtype), device=x.device)
+    if N == 0:
+        return xa
+    arch, _ = target(x)
+    split = _split(x.dtype) and lora_A.dtype != x.dtype
+    # fp32 dots (tf32x3) unless x and A are the same 16-bit dtype or the split path runs
+    fp32_dots = (x.dtype not in HALF or lora_A.dtype != x.dtype) and not split
+    cfg = H.xa_config(N=N, R=R, dtype=x.dtype, arch=arch, fp32_dots=fp32_dots)
+    meta = dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype),
+                LORA_F32=_lora_f32(x.dtype, lora_A.dtype), SPLIT=split, PREC=_prec())
+    launch(K_._xa_kernel, cfg.grid, meta, flops=2 * N * K * R, reads=[x, lora_A], writes=[xa],
+           xa=xa, x=x, a=lora_A, N=N, K=K, R=R, dropout_p=float(dropout_p), dropout_seed=int(dropout_seed),
+           inv_keep=1.0 / (1.0 - dropout_p))
+    return xa
+
+
+def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=None, dropout_p=0.0, dropout_seed=0,
+                 with_wa=False, need_u=True):
+    """``(y, xa, u, norm, wa)`` of the op on 2-D x (unit last stride).
+
+    y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias, g = m / n (PEFT's dropout form when dropout_p > 0), in x's
+    dtype; xa = x̃·Aᵀ (N, R) in ``xa_dtype``; with ``need_u`` u = x̃·W0ᵀ + s·xa·Bᵀ (N, M) in
+    ``u_dtype``, the one (N, M) tensor the backward needs (else None); ``norm`` (M,) fp32 is
+    reused when given, unless ``with_wa`` (the exact norm gradient also needs wa = W0·Aᵀ (M, R)
+    fp32, from the same pass as the norm; else wa is None).
+    """
+    wa = None
+    if norm is None or with_wa:
+        norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
+    N, K = x.shape
+    M = weight.shape[0]
+    R = lora_A.shape[0]
+    # The kernels index the (M,) vectors with unit stride; copies of views are tiny.
+    magnitude = magnitude.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    y = torch.empty((N, M), dtype=x.dtype, device=x.device)
+    u = torch.empty((N, M), dtype=u_dtype(x.dtype, lora_A.dtype, dropout_p), device=x.device) if need_u else None
+    xa = _xa(x, lora_A, dropout_p=dropout_p, dropout_seed=dropout_seed)
+    if N == 0 or M == 0:
+        return y, xa, u, norm, wa
+    arch, _ = target(x)
+    cfg = H.fwd_config(N=N, M=M, dtype=x.dtype, arch=arch, has_dropout=dropout_p > 0)
+    meta = dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype), PREC=_prec(), EPI_PREC=_epi_prec())
+    launch(K_._fwd_kernel, cfg.grid, meta,
+           flops=2 * N * M * K * (2 if dropout_p > 0 else 1) + 2 * N * M * R + 4 * N * M,
+           reads=[x, weight, lora_B, xa, magnitude, norm] + ([bias] if bias is not None else []),
+           writes=[y] + ([u] if u is not None else []),
+           y=y, u=u, x=x, w=weight, b=lora_B, xa=xa, mag=magnitude, norm=norm, bias=bias, N=N, M=M, K=K, R=R,
+           scaling=float(scaling), dropout_p=float(dropout_p), dropout_seed=int(dropout_seed),
+           inv_keep=1.0 / (1.0 - dropout_p))
+    return y, xa, u, norm, wa
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *, u=None, y=None, dropout_p=0.0,
+                  dropout_seed=0, need_dx=True):
+    """``(dx or None, dA, dB, dm)`` of the detached-norm op from dy = dL/dy (N, M).
+
+    The forward saved either ``u`` (ũ with dropout) or, with ``save_output`` (no dropout, no
+    bias), its output ``y``: then u = y / g, made again from x and W0 instead for the rows with
+    |m| < G_REDO · n, n > 0 (``common.G_REDO``). dx in x's dtype; dA, dB and dm (= Σ_tokens
+    dy ⊙ u / n, 0 where n = 0) in the dtypes of lora_A, lora_B and magnitude.
+    """
+    N, K = x.shape
+    M = weight.shape[0]
+    R = lora_A.shape[0]
+    dev = x.device
+    magnitude = magnitude.contiguous()
+    if N == 0 or M == 0:
+        return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(lora_A), torch.zeros_like(lora_B),
+                torch.zeros_like(magnitude))
+    arch, sms = target(x)
+    cfg = H.bwd_dy_config(N=N, M=M, R=R, dtype=x.dtype, arch=arch, num_sms=sms)
+    T, S = cfg.sizes["T"], cfg.sizes["S"]
+    gb_part = torch.empty((S, N, R), dtype=torch.float32, device=dev)
+    dm_part = torch.empty((T, M), dtype=torch.float32, device=dev)
+    db_part = torch.empty((T, M, R), dtype=torch.float32, device=dev)
+    saved = y if y is not None else u
+    launch(K_._bwd_dy_kernel, cfg.grid, dict(cfg.meta, SPLIT=_split(x.dtype), PREC=_prec()),
+           flops=4 * N * M * R + (6 if y is not None else 5) * N * M,
+           reads=[dy, saved, xa, lora_B, magnitude, norm], writes=[gb_part, dm_part, db_part],
+           gb_part=gb_part, dm_part=dm_part, db_part=db_part, dy=dy, u=u, y=y, xa=xa, b=lora_B, mag=magnitude,
+           norm=norm, N=N, M=M, R=R, TOK_PER_PROG=cfg.sizes["TOK_PER_PROG"], COL_PER_PROG=cfg.sizes["COL_PER_PROG"])
+
+    cfg = H.dx_config(N=N, K=K, dtype=x.dtype, arch=arch, has_dropout=dropout_p > 0, has_dx=need_dx)
+    dx = torch.empty((N, K), dtype=x.dtype, device=dev) if need_dx else None
+    TA = cfg.sizes["T"]
+    da_part = torch.empty((TA, R, K), dtype=torch.float32, device=dev)
+    # Without dx the M loop compiles out: only the dA partials (a pass over x).
+    flops = (2 * N * M * K * (2 if dropout_p > 0 else 1) + 4 * N * K * R) if need_dx else 2 * N * K * R
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    launch(K_._dx_kernel, cfg.grid,
+           dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype), SPLIT=_split(x.dtype), PREC=_prec()),
+           flops=flops, reads=([dy, weight] if need_dx else []) + [lora_A, x, gb_part, magnitude, norm],
+           writes=([dx] if need_dx else []) + [da_part],
+           dx=dx, da_part=da_part, dy=dy, w=weight, a=lora_A, x=x, gb_part=gb_part, mag=magnitude, norm=norm,
+           N=N, M=M, K=K, R=R, S=S, scaling=float(scaling), dropout_p=float(dropout_p),
+           dropout_seed=int(dropout_seed), inv_keep=inv_keep)
+
+    dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
+    dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+    dm = torch.empty_like(magnitude)
+    cfg = H.sum_partials_config(RK=R * K, MR=M * R, M=M)
+    launch(K_._sum_partials_kernel, cfg.grid, cfg.meta, flops=TA * R * K + T * M * R + T * M, unit="vector",
+           reads=[da_part, db_part, dm_part, norm], writes=[dA, dB, dm],
+           da=dA, db=dB, dm=dm, da_part=da_part, db_part=db_part, dm_part=dm_part, norm=norm,
+           TA=TA, TB=T, RK=R * K, MR=M * R, M=M, scale_a=float(scaling * inv_keep), scale_b=float(scaling))
+    if y is not None:
+        # dm of the rows with |m| < G_REDO · n (none, in DoRA as trained) made again from x and W0
+        # (fp32 dots by FMA: exact, and no register spills; their FLOPs are not counted), or by
+        # torch where an operand's offsets pass the 31 bits that kernel uses.
+        if all(offsets_fit_int32(t) for t in (x, dy, weight, xa, lora_B)):
+            cfg = H.dm_redo_config(M=M)
+            launch(K_._dm_redo_kernel, cfg.grid, dict(cfg.meta, UPCAST=_upcast(x.dtype), PREC="ieee", G_REDO=G_REDO),
+                   unit="vector", reads=[magnitude, norm], writes=[],
+                   dm=dm, dy=dy, x=x, w=weight, xa=xa, b=lora_B, mag=magnitude, norm=norm, N=N, M=M, K=K, R=R,
+                   scaling=float(scaling))
+        else:
+            dm_redo_torch(dm, dy, x, weight, lora_B, magnitude, norm, xa, scaling)
+    return dx, dA, dB, dm

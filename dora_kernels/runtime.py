@@ -1,0 +1,222 @@
+"""The one place every Triton kernel of the package is launched from.
+
+``launch(kernel, grid, meta, **args)`` binds the arguments by name (``kernel.arg_names``):
+a tensor passed as ``name`` fills the pointer ``name_ptr`` and the ``stride_*`` parameters
+that follow it; an optional tensor that is absent is passed as ``None`` (its pointer and
+strides become ``None``, which the JIT treats as constants) and the kernel's ``HAS_<NAME>``
+flag, where it has one, is derived here from whether it was given. Scalars and sizes are
+passed under their parameter names, ``meta`` holds the ``tl.constexpr`` meta-parameters and
+``num_warps`` / ``num_stages`` (``dora_kernels.heuristics``).
+
+Each launch runs on its tensors' CUDA device (and that device's current stream), whatever the
+current device is. Inside ``recording(rec)`` it hands the launch to ``rec`` instead (with the
+FLOPs the launcher counted and the unit they run on, the tensors it reads and writes, the
+kernel object and its bound arguments), so a dry run on meta tensors can count launches, FLOPs
+and bytes from the code path itself, and the compile report can specialise each launch
+exactly as the JIT would (``bench/compile_report.py``).
+
+``DORA_KERNELS_AUTOTUNE=1`` (read at each launch) lets Triton's autotuner choose the tile of
+the two GEMM kernels among neighbours of the heuristic's config (``heuristics.AUTOTUNED``), on
+a GPU only; under the interpreter, on meta tensors and while recording it is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from . import heuristics as H
+from .backend import INTERPRET
+
+# What a launch's FLOPs run on: "tensor" (tensor-core dots: GEMM-like kernels) or "vector" (CUDA
+# cores: reductions, masks). The dry-run trace charges each at its own peak.
+UNITS = ("tensor", "vector")
+
+_recorder = None
+
+
+@dataclass
+class Launch:
+    """One kernel launch as the launcher issued it.
+
+    ``reads``/``writes``: (shape, dtype) of every tensor read or written once (the bytes a
+    roofline counts); ``unit``: what its ``flops`` run on (``UNITS``); ``kernel``: the
+    ``triton.jit`` function; ``args``: its non-constexpr parameters by name as bound (tensors,
+    possibly meta, Python scalars, None), ``meta`` the constexprs and launch options.
+    """
+
+    name: str
+    grid: tuple
+    meta: dict
+    flops: int
+    unit: str = "tensor"
+    reads: list = field(default_factory=list)
+    writes: list = field(default_factory=list)
+    kernel: object = field(default=None, repr=False, compare=False)
+    args: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def bytes(self) -> int:
+        return sum(_nbytes(s, d) for s, d in self.reads + self.writes)
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def kernel_name(kernel) -> str:
+    while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return getattr(kernel, "__name__", repr(kernel))
+
+
+@contextlib.contextmanager
+def recording(recorder):
+    """Within this block, ``launch`` calls ``recorder(Launch)`` instead of running kernels."""
+    global _recorder
+    prev, _recorder = _recorder, recorder
+    try:
+        yield recorder
+    finally:
+        _recorder = prev
+
+
+def is_recording() -> bool:
+    return _recorder is not None
+
+
+def bind(kernel, meta: dict, args: dict) -> dict:
+    """The kernel's non-constexpr parameters by name, from tensors given by name (see module doc)."""
+    name = kernel_name(kernel)
+    names = list(kernel.arg_names)
+    given = dict(args)
+    bound = {}
+    i = 0
+    while i < len(names):
+        p = names[i]
+        i += 1
+        if p in meta:
+            continue
+        if p.endswith("_ptr"):
+            key = p[:-4]
+            if key not in given:
+                raise TypeError(f"{name}: no tensor {key!r} given for {p}")
+            t = given.pop(key)
+            strides = []
+            while i < len(names) and names[i].startswith("stride_"):
+                strides.append(names[i])
+                i += 1
+            bound[p] = t
+            if t is not None and strides and len(strides) != t.dim():
+                raise ValueError(f"{name}: {key} has {t.dim()} dims, the kernel takes {len(strides)} strides")
+            for s, v in zip(strides, t.stride() if t is not None else [None] * len(strides)):
+                bound[s] = v
+            flag = f"HAS_{key.upper()}"
+            if flag in names:
+                if flag in meta:
+                    raise TypeError(f"{name}: {flag} is derived from {key!r}, do not pass it")
+                meta[flag] = t is not None
+        elif p in given:
+            bound[p] = given.pop(p)
+        elif p not in meta:
+            raise TypeError(f"{name}: no value given for {p}")
+    if given:
+        raise TypeError(f"{name}: unknown arguments {sorted(given)}")
+    return bound
+
+
+def launch(kernel, grid, meta, *, flops=0, unit="tensor", reads=(), writes=(), **args):
+    """Run ``kernel`` on ``grid`` with ``args`` bound by name and ``meta`` (see module doc)."""
+    meta = dict(meta)
+    bound = bind(kernel, meta, args)
+    if _recorder is not None:
+        _recorder(Launch(kernel_name(kernel), tuple(grid), meta, int(flops), unit,
+                         [(tuple(t.shape), t.dtype) for t in reads], [(tuple(t.shape), t.dtype) for t in writes],
+                         kernel=kernel, args=bound))
+        return
+    device = next((v.device for v in bound.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        tuned = _autotuned(kernel, meta, device) if H.autotune_enabled() and not INTERPRET else None
+        if tuned is not None:
+            tuner, grid_fn, rest = tuned
+            tuner[grid_fn](**bound, **rest)
+        else:
+            kernel[tuple(grid)](**bound, **meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# DORA_KERNELS_AUTOTUNE=1: the two GEMM kernels only
+
+_TUNERS: dict = {}
+
+
+def _autotuned(kernel, meta, device):
+    """(autotuner, grid function, remaining meta) for a GEMM launch on CUDA tensors, or None.
+
+    One ``triton.autotune`` wrapper per kernel and heuristic config (the candidates are that
+    config's neighbours, ``heuristics.AUTOTUNED``, the first being the config itself), built on
+    first use and cached; its key is the problem size and flags.
+    """
+    name = kernel_name(kernel)
+    if device is None or name not in H.AUTOTUNED:
+        return None
+    tuned = H.AUTOTUNED[name]
+    if not tuned.applies(meta) or not all(k in meta for k in tuned.owned):
+        return None
+    cache_key = (name, tuple(sorted(meta.items())))
+    tuner = _TUNERS.get(cache_key)
+    if tuner is None:
+        import triton
+
+        configs = []
+        for c in tuned.candidates(dict(meta)):
+            c = {k: c[k] for k in tuned.owned}
+            if c not in configs:
+                configs.append(c)
+        configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs]
+        tuner = triton.autotune(configs=configs, key=[k for k in tuned.key if k in kernel.arg_names])(kernel)
+        _TUNERS[cache_key] = tuner
+    rest = {k: v for k, v in meta.items() if k not in tuned.owned}
+    return tuner, tuned.grid, rest
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU the heuristics plan for
+
+_TRACE_ARCH = (9, 0)
+_TRACE_SMS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_props(index: int):
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def target(t: torch.Tensor):
+    """(arch, SM count) the launch heuristics plan for: the tensor's GPU, an H100 for a dry
+    run (or the GPU of ``trace_target``), or (None, 4) under the interpreter."""
+    if t.is_cuda:
+        return _cuda_props(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    if t.device.type == "meta":
+        return _TRACE_ARCH, _TRACE_SMS
+    return None, 4
+
+
+@contextlib.contextmanager
+def trace_target(arch=(9, 0), num_sms=132):
+    """Plan dry runs (meta tensors) for another GPU."""
+    global _TRACE_ARCH, _TRACE_SMS
+    prev = _TRACE_ARCH, _TRACE_SMS
+    _TRACE_ARCH, _TRACE_SMS = tuple(arch), int(num_sms)
+    try:
+        yield
+    finally:
+        _TRACE_ARCH, _TRACE_SMS = prev
