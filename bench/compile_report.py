@@ -4,7 +4,7 @@ compiled ahead of time for sm_80 / sm_90 (or other archs) without a GPU.
 ``python -m bench.compile_report [--out DIR] [--arch 80,90] [--quick] [--jobs 2] [--reuse CSV --verify N]``
 
 How the configs are found: the launchers themselves run on meta tensors inside
-``dora_kernels._launch.recording`` and ``trace_target(arch)`` (so the configs are exactly what
+``dora_kernels.runtime.recording`` and ``trace_target(arch)`` (so the configs are exactly what
 the heuristics return for that GPU), through the public op (``dora_linear``: forward, backward,
 eval) and ``dropout_mask``, over
 
@@ -192,12 +192,12 @@ def record(case: Case, arch: int) -> list:
 
 def _record(case, arch, x, w, A, B, m, bias, p, launches):
     import dora_kernels
-    from dora_kernels import _launch
+    from dora_kernels import runtime
 
     from bench.trace import OpCounter
 
     dev = x.device
-    with _launch.trace_target((arch // 10, arch % 10), SMS.get(arch, 132)), _launch.recording(launches.append), \
+    with runtime.trace_target((arch // 10, arch % 10), SMS.get(arch, 132)), runtime.recording(launches.append), \
             OpCounter([]):
         y = dora_kernels.dora_linear(x, w, A, B, m, 2.0, bias, dropout_p=p, training=True,
                                      norm_grad="exact" if case.exact else "detached",
@@ -233,7 +233,7 @@ def specialise(launch, arch: int) -> dict:
     kernel = launch.kernel
     backend, binder = _binder(kernel, arch)
     kwargs = dict(launch.meta)
-    bound, spec, opts = binder(*launch.args, **kwargs)
+    bound, spec, opts = binder(**launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
     names = [p.name for p in kernel.params]
     special = []
@@ -393,7 +393,7 @@ def collect_arch(arch: int, quick: bool = False) -> dict:
     for c in cases(quick):
         dlabel = c.dtype if c.adapter == c.dtype else f"{c.dtype}+{c.adapter}"
         for lc in record(c, arch):
-            pre = (lc.name, tuple(sorted(lc.meta.items())), tuple(_arg_class(a) for a in lc.args))
+            pre = (lc.name, tuple(sorted(lc.meta.items())), tuple(_arg_class(a) for a in lc.args.values()))
             k = by_pre.get(pre)
             if k is None:
                 job = specialise(lc, arch)
@@ -583,7 +583,7 @@ def is_gemm_config(row) -> bool:
     cfg = dict(kv.split("=", 1) for kv in row["config"].split() if "=" in kv)
     if row["kernel"] not in GEMM_KERNELS or row["dtype"].split("+")[0] not in ("bf16", "fp16"):
         return False
-    if row["kernel"] == "_dx_kernel" and cfg.get("WITH_DX") == "0":
+    if row["kernel"] == "_dx_kernel" and cfg.get("HAS_DX") == "0":
         return False  # the dA pass alone: a rank-r product, no GEMM
     return int(cfg.get("BLOCK_N", 0)) >= 64 and int(row["num_warps"]) >= 4
 

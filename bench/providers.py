@@ -209,7 +209,7 @@ def fused_path(device: str) -> str:
     if device == "cuda":
         return "triton"
     try:
-        launch = importlib.import_module("dora_kernels._launch")
+        launch = importlib.import_module("dora_kernels.runtime")
     except ImportError:
         return "unknown"
     return "triton-interpreter" if getattr(launch, "INTERPRET", False) else "torch"

@@ -6,7 +6,7 @@ counts, per mode (``fwd``: training forward; ``bwd``: its backward; ``step``: bo
 a no-grad forward in eval mode, steady state):
 
 * launches, matmul FLOPs, other FLOPs and HBM bytes. The fused path's Triton launches come from
-  the launch point (``dora_kernels._launch.recording``: each launcher states the FLOPs it does and
+  the launch point (``dora_kernels.runtime.recording``: each launcher states the FLOPs it does and
   the tensors it reads and writes once); every ATen op that any provider issues, the fused
   path's own few torch ops included, is seen by a ``TorchDispatchMode``: views, allocations
   and other metadata ops are free, ``mm``/``addmm``/``bmm`` count ``2·m·n·k`` matmul FLOPs, every
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dora_kernels import _launch
+from dora_kernels import runtime
 
 # ---------------------------------------------------------------------------------------------
 # the cost model's constants (printed and written with every trace)
@@ -122,8 +122,6 @@ _FREE = _ALLOC | {"detach", "alias", "lift_fresh", "_local_scalar_dense", "set_"
 # ops whose first argument is written but not read
 _WRITE_ONLY_SELF = {"fill_", "zero_", "copy_", "uniform_", "normal_", "bernoulli_", "random_", "exponential_"}
 _MM = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "linear", "_addmm_activation"}
-# the Triton kernels that are reductions or masks, not GEMMs (their FLOPs are vector FLOPs)
-_VECTOR_KERNELS = {"_sum_partials_kernel", "_mask_kernel"}
 
 
 def _tensors(obj):
@@ -255,8 +253,9 @@ def count(fn, *, saved=None, param_storages=()):
     def on_launch(lc):
         # Keep numbers only: holding the launch's tensors would change what autograd does
         # (AccumulateGrad copies a gradient that something else still references).
-        mm = 0 if lc.name in _VECTOR_KERNELS else lc.flops
-        other = lc.flops if lc.name in _VECTOR_KERNELS else 0
+        # each launcher states what its FLOPs run on (runtime.UNITS)
+        mm = lc.flops if lc.unit == "tensor" else 0
+        other = lc.flops if lc.unit == "vector" else 0
         dtype = lc.reads[0][1] if lc.reads else torch.float32
         x_like = [a for a in lc.args if isinstance(a, torch.Tensor)]
         if x_like:
@@ -273,7 +272,7 @@ def count(fn, *, saved=None, param_storages=()):
                 saved.append((st, t.untyped_storage().nbytes()))
         return t
 
-    with _launch.recording(on_launch), OpCounter(c.events):
+    with runtime.recording(on_launch), OpCounter(c.events):
         if saved is not None:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = fn()
@@ -352,7 +351,7 @@ class LayerTrace:
 def trace_layer(provider: str, s: Shape, arch=(9, 0), num_sms=132) -> LayerTrace:
     """One training step (forward with x requiring grad, backward) and one steady-state eval
     forward of ``provider`` on meta tensors; the fused paths plan for ``arch``."""
-    with _launch.trace_target(arch, num_sms):
+    with runtime.trace_target(arch, num_sms):
         layer = build(provider, s)
         params = {_storage(p) for p in layer.parameters()}
         x = torch.empty((s.tokens, s.in_features), device="meta", dtype=_DTYPES[s.dtype], requires_grad=True)

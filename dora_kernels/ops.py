@@ -130,13 +130,13 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, xa,
     N, M, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     if save_output and (dropout_p > 0 or bias is not None):
         raise ValueError("dora_backward: save_output needs no dropout and no bias (the forward saves u then)")
-    if norm.shape != (M,) or xa.shape != (N, R) or saved.shape != (N, M) or dy.shape != (N, M):
-        raise ValueError(f"dora_backward: norm {tuple(norm.shape)}, xa {tuple(xa.shape)}, saved {tuple(saved.shape)} "
-                         f"and dy {tuple(dy.shape)} must be ({M},), ({N}, {R}), ({N}, {M}) and ({N}, {M})")
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dbias = dy.sum(0).to(bias.dtype) if (need_bias and bias is not None) else None
     if not (need_dx or need_a or need_b or need_m):  # only the bias: the forward kept no u
         return None, None, None, None, dbias
+    if norm.shape != (M,) or xa.shape != (N, R) or saved.shape != (N, M) or dy.shape != (N, M):
+        raise ValueError(f"dora_backward: norm {tuple(norm.shape)}, xa {tuple(xa.shape)}, saved {tuple(saved.shape)} "
+                         f"and dy {tuple(dy.shape)} must be ({M},), ({N}, {R}), ({N}, {M}) and ({N}, {M})")
     u, y = (None, saved) if save_output else (saved, None)
     dx, dA, dB, dm = _impl(x).dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u=u, y=y,
                                             dropout_p=dropout_p, dropout_seed=dropout_seed, need_dx=need_dx)

@@ -140,9 +140,9 @@ def launch(kernel, grid, meta, *, flops=0, unit="tensor", reads=(), writes=(), *
                          [(tuple(t.shape), t.dtype) for t in reads], [(tuple(t.shape), t.dtype) for t in writes],
                          kernel=kernel, args=bound))
         return
-    device = next((v.device for v in bound.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+    device = _cuda_device(bound)
     with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
-        tuned = _autotuned(kernel, meta, device) if H.autotune_enabled() and not INTERPRET else None
+        tuned = _autotuned(kernel, meta) if _autotune_on(bound) else None
         if tuned is not None:
             tuner, grid_fn, rest = tuned
             tuner[grid_fn](**bound, **rest)
@@ -156,7 +156,16 @@ def launch(kernel, grid, meta, *, flops=0, unit="tensor", reads=(), writes=(), *
 _TUNERS: dict = {}
 
 
-def _autotuned(kernel, meta, device):
+def _cuda_device(bound: dict):
+    """The CUDA device of the launch's tensors, or None (CPU tensors under the interpreter)."""
+    return next((v.device for v in bound.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+
+
+def _autotune_on(bound: dict) -> bool:
+    return H.autotune_enabled() and not INTERPRET and _cuda_device(bound) is not None
+
+
+def _autotuned(kernel, meta):
     """(autotuner, grid function, remaining meta) for a GEMM launch on CUDA tensors, or None.
 
     One ``triton.autotune`` wrapper per kernel and heuristic config (the candidates are that
@@ -164,7 +173,7 @@ def _autotuned(kernel, meta, device):
     first use and cached; its key is the problem size and flags.
     """
     name = kernel_name(kernel)
-    if device is None or name not in H.AUTOTUNED:
+    if name not in H.AUTOTUNED:
         return None
     tuned = H.AUTOTUNED[name]
     if not tuned.applies(meta) or not all(k in meta for k in tuned.owned):

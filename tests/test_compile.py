@@ -13,9 +13,6 @@ import torch
 from torch import nn
 
 import dora_kernels
-from dora_kernels import _launch
-
-from conftest import DEVICE
 
 M_, K_, R_ = 12, 16, 4
 
@@ -28,21 +25,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    """``triton``: the kernels (interpreted on a CPU); ``torch``: the pure-torch path on a CPU."""
-    if request.param == "torch":
-        monkeypatch.setattr(_launch, "INTERPRET", False)
-        return "cpu"
-    return DEVICE
-
-
-@pytest.fixture
-def torch_path(monkeypatch):
-    monkeypatch.setattr(_launch, "INTERPRET", False)
-    return "cpu"
 
 
 def two_layers(device, dropout=0.0, norm_grad="detached"):
@@ -75,7 +57,7 @@ def assert_all_close(got, want, **tol):
 # ---------------------------------------------------------------------------------------------
 # the registered ops
 
-def _fwd_args(device, *, p, bias, with_wa, norm, dtype=torch.float32, save_y=False):
+def _fwd_args(device, *, p, bias, exact, norm, dtype=torch.float32, save_output=False):
     torch.manual_seed(0)
     x = torch.randn(9, K_, device=device, dtype=dtype, requires_grad=True)
     w = torch.randn(M_, K_, device=device, dtype=dtype) / 4
@@ -85,31 +67,33 @@ def _fwd_args(device, *, p, bias, with_wa, norm, dtype=torch.float32, save_y=Fal
     b = torch.randn(M_, device=device, dtype=dtype) if bias else None
     n = dora_kernels.weight_norm(w, A.detach(), B.detach(), 2.0)[0] if norm else None
     seed = torch.tensor([7]) if p > 0 else None
-    return (x, w, A, B, m, b, n, seed, 2.0, p, with_wa, not save_y, save_y)
+    return (x, w, A, B, m, 2.0, b, n, p, seed, "exact" if exact else "detached", not save_output, save_output)
 
 
 @pytest.mark.parametrize("case", [
-    dict(p=0.0, bias=True, with_wa=False, norm=False),
-    dict(p=0.3, bias=False, with_wa=False, norm=False),
-    dict(p=0.0, bias=False, with_wa=True, norm=False),
-    dict(p=0.0, bias=True, with_wa=False, norm=True),
-    dict(p=0.3, bias=True, with_wa=False, norm=False, dtype=torch.bfloat16),
-    dict(p=0.0, bias=False, with_wa=False, norm=False, save_y=True),
-    dict(p=0.0, bias=False, with_wa=True, norm=False, save_y=True),
-], ids=["p0-bias", "p0.3", "exact", "given-norm", "p0.3-bf16-f32adapters", "p0-save_y", "exact-save_y"])
+    dict(p=0.0, bias=True, exact=False, norm=False),
+    dict(p=0.3, bias=False, exact=False, norm=False),
+    dict(p=0.0, bias=False, exact=True, norm=False),
+    dict(p=0.0, bias=True, exact=False, norm=True),
+    dict(p=0.3, bias=True, exact=False, norm=False, dtype=torch.bfloat16),
+    dict(p=0.0, bias=False, exact=False, norm=False, save_output=True),
+    dict(p=0.0, bias=False, exact=True, norm=False, save_output=True),
+], ids=["p0-bias", "p0.3", "exact", "given-norm", "p0.3-bf16-f32adapters", "p0-save_output", "exact-save_output"])
 def test_opcheck(case, backend):
     args = _fwd_args(backend, **case)
-    torch.library.opcheck(torch.ops.dora_kernels.dora_fwd.default, args,
+    torch.library.opcheck(torch.ops.dora_kernels.dora_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                                       "test_aot_dispatch_dynamic"))
-    x, w, A, B, m, b, n, seed, s, p, with_wa, need_u, save_y = args
-    y, xa, u, norm, wa = torch.ops.dora_kernels.dora_fwd(*args)
-    if n is not None and not with_wa:
+    x, w, A, B, m, s, b, n, p, seed, norm_grad, need_u, save_output = args
+    y, xa, u, norm, wa = torch.ops.dora_kernels.dora_forward(*args)
+    exact = norm_grad == "exact"
+    if n is not None and not exact:
         norm = n  # a given norm is used, not returned
-    grad = torch.randn_like(y)
-    bwd_args = (grad, x.detach(), w, A.detach(), B.detach(), m.detach(), b, norm, xa, y.detach() if save_y else u,
-                wa if with_wa else None, seed, s, p, with_wa, True, True, True, True, b is not None, save_y)
-    torch.library.opcheck(torch.ops.dora_kernels.dora_bwd.default, bwd_args,
+    dy = torch.randn_like(y)
+    bwd_args = (dy, x.detach(), w, A.detach(), B.detach(), m.detach(), s, b, norm, xa,
+                y.detach() if save_output else u, wa if exact else None, p, seed, norm_grad, save_output,
+                True, True, True, True, b is not None)
+    torch.library.opcheck(torch.ops.dora_kernels.dora_backward.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -125,24 +109,24 @@ def test_two_layers_no_graph_break(backend):
     assert_all_close(step(compiled, x), step(model, x), rtol=1e-6, atol=1e-6)
 
 
-def test_inductor_fullgraph_matches_eager(torch_path):
-    model = two_layers(torch_path)
+def test_inductor_fullgraph_matches_eager(torch_backend):
+    model = two_layers(torch_backend)
     x = torch.randn(2, 5, K_)
     compiled = torch.compile(model, fullgraph=True)
     assert_all_close(step(compiled, x), step(model, x), rtol=1e-5, atol=1e-5)
 
 
-def test_exact_norm_grad_compiles(torch_path):
-    model = two_layers(torch_path, norm_grad="exact")
+def test_exact_norm_grad_compiles(torch_backend):
+    model = two_layers(torch_backend, norm_grad="exact")
     x = torch.randn(6, K_)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert_all_close(step(compiled, x), step(model, x), rtol=1e-6, atol=1e-6)
 
 
-def test_dropout_compiles_without_graph_break(torch_path):
+def test_dropout_compiles_without_graph_break(torch_backend):
     """The seed is a tensor drawn inside the graph: no ``.item()`` break. With a fixed seed the
     compiled op equals eager."""
-    model = two_layers(torch_path, dropout=0.3)
+    model = two_layers(torch_backend, dropout=0.3)
     x = torch.randn(6, K_)
     explain = torch._dynamo.explain(model)(x)
     assert explain.graph_break_count == 0, explain.break_reasons
@@ -157,7 +141,7 @@ def test_dropout_compiles_without_graph_break(torch_path):
     torch.testing.assert_close(compiled(x), f(x), rtol=1e-6, atol=1e-6)
 
 
-def test_fused_peft_model_no_graph_break(torch_path):
+def test_fused_peft_model_no_graph_break(torch_backend):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(K_, 24), nn.ReLU(), nn.Linear(24, M_))
@@ -168,7 +152,7 @@ def test_fused_peft_model_no_graph_break(torch_path):
     explain = torch._dynamo.explain(model)(x)
     assert explain.graph_break_count == 0, explain.break_reasons
     ops_in_graph = [str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert sum("dora_fwd" in t for t in ops_in_graph) == 2, ops_in_graph
+    assert sum("dora_forward" in t for t in ops_in_graph) == 2, ops_in_graph
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert_all_close(step(compiled, x), step(model, x), rtol=1e-6, atol=1e-6)
 

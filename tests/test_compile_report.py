@@ -23,6 +23,7 @@ Skipped when the wheel's ptxas / cuobjdump are missing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,8 +65,8 @@ def _id(r):
 
 def test_every_kernel_and_arch_compiled(rows):
     kernels = {r["kernel"] for r in rows}
-    assert {"_norm_kernel", "_xa_kernel", "_fwd_kernel", "_bwd_g_kernel", "_dx_kernel", "_finalize_kernel",
-            "_mask_kernel"} <= kernels, kernels
+    assert {"_norm_kernel", "_xa_kernel", "_fwd_kernel", "_bwd_dy_kernel", "_dx_kernel", "_sum_partials_kernel",
+            "_dm_redo_kernel", "_mask_kernel"} <= kernels, kernels
     assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}
     assert {r["dtype"] for r in rows} >= {f"{d}+{a}" if d != a else d for d, a in CR.ALL_PAIRS}
     assert any("PREC=tf32 " in r["config"] for r in rows) and any("PREC=tf32x3" in r["config"] for r in rows)
@@ -158,38 +159,41 @@ def test_rules_flag_what_they_should():
 def test_autotune_candidates_keep_what_the_launchers_rely_on():
     """DORA_KERNELS_AUTOTUNE=1: the GEMM candidates start from the heuristic's config, are
     distinct, and the dx kernel keeps BLOCK_N (the launcher sizes the dA partials by it)."""
-    from dora_kernels import _launch
     from dora_kernels import heuristics as H
 
-    for name, base in (("_fwd_kernel", H.fwd_config(4096, 4096, 4096, 16, torch.bfloat16, (9, 0))),
-                       ("_dx_kernel", H.dx_config(4096, 4096, 4096, 16, torch.bfloat16, (9, 0)))):
-        owned, candidates, grid, key = _launch._TUNED[name]
-        got = candidates(dict(base))
+    bf16, h100 = torch.bfloat16, (9, 0)
+    for name, cfg in (("_fwd_kernel", H.fwd_config(N=4096, M=4096, dtype=bf16, arch=h100, has_dropout=False)),
+                      ("_dx_kernel", H.dx_config(N=4096, K=4096, dtype=bf16, arch=h100, has_dropout=False,
+                                                 has_dx=True))):
+        base = cfg.meta
+        tuned = H.AUTOTUNED[name]
+        got = tuned.candidates(dict(base))
         assert got[0] == base and len(got) > 1
         assert len({tuple(sorted(c.items())) for c in got}) == len(got)
-        assert all(set(owned) <= set(c) for c in got)
+        assert all(set(tuned.owned) <= set(c) for c in got)
         if name == "_dx_kernel":
             assert all(c["BLOCK_N"] == base["BLOCK_N"] for c in got)
-            assert grid({"N": 300, "K": 1000, "BLOCK_N": 128, "BLOCK_K": 64}) == (3 * 16,)
+            assert tuned.grid({"N": 300, "K": 1000, "BLOCK_N": 128, "BLOCK_K": 64}) == (3 * 16,)
+            assert not tuned.applies({"HAS_DX": False})
         else:
-            assert grid({"N": 300, "M": 1000, "BLOCK_N": 128, "BLOCK_M": 64}) == (3 * 16,)
+            assert tuned.grid({"N": 300, "M": 1000, "BLOCK_N": 128, "BLOCK_M": 64}) == (3 * 16,)
 
 
 def test_autotune_is_ignored_off_the_gpu(monkeypatch):
-    from dora_kernels import _launch
+    from dora_kernels import runtime
 
     monkeypatch.setenv("DORA_KERNELS_AUTOTUNE", "1")
-    x = torch.zeros(4, 8)
-    assert _launch._autotuned(type("K", (), {"__name__": "_fwd_kernel"})(), {"BLOCK_N": 16}, (x,)) is None
+    assert not runtime._autotune_on({"x_ptr": torch.zeros(4, 8)})
 
 
 def test_autotune_plumbing_gives_the_same_numbers(monkeypatch):
     """The autotuned launch (grid from the chosen config, the autotuner owning the tile keys)
     computes what the plain launch computes. Checked under the interpreter with one candidate
     (the heuristic's config): Triton benchmarks several only on a GPU."""
-    from dora_kernels import _launch, ops
+    from dora_kernels import backend, runtime
+    from dora_kernels import heuristics as H
 
-    if not _launch.INTERPRET:
+    if not backend.INTERPRET:
         pytest.skip("needs the interpreter (a CPU run)")
     import dora_kernels
 
@@ -209,13 +213,11 @@ def test_autotune_plumbing_gives_the_same_numbers(monkeypatch):
 
     plain = run()
     monkeypatch.setenv("DORA_KERNELS_AUTOTUNE", "1")
-    monkeypatch.setattr(_launch, "_on_gpu", lambda args: True)
-    monkeypatch.setattr(_launch, "_TUNERS", {})
-    for name, (owned, _, grid, key) in list(_launch._TUNED.items()):
-        monkeypatch.setitem(_launch._TUNED, name, (owned, lambda meta: [meta], grid, key))
-    monkeypatch.setattr(ops, "uses_triton", lambda t: t.dtype != torch.float64)
-    monkeypatch.setattr(_launch, "INTERPRET", False)  # launch() takes the autotune branch
+    monkeypatch.setattr(runtime, "_autotune_on", lambda bound: True)  # launch() takes the autotune branch
+    monkeypatch.setattr(runtime, "_TUNERS", {})
+    for name, tuned in list(H.AUTOTUNED.items()):
+        monkeypatch.setitem(H.AUTOTUNED, name, dataclasses.replace(tuned, candidates=lambda meta: [meta]))
     tuned = run()
-    assert sorted(k[0] for k in _launch._TUNERS) == ["_dx_kernel", "_fwd_kernel"]
+    assert sorted(k[0] for k in runtime._TUNERS) == ["_dx_kernel", "_fwd_kernel"]
     for a, b in zip(plain, tuned):
         assert torch.equal(a, b)

@@ -3,7 +3,7 @@ one process gets on the whole batch.
 
 The worker lives in this module, which imports neither PEFT nor transformers (slow to import
 in each spawned process): the model is ``reference.DoRALinear`` layers converted by ``fuse``.
-Every process runs the op's torch path on the CPU (the children get ``TRITON_INTERPRET=0``:
+Every process runs the op's torch path on the CPU (the children get ``DORA_KERNELS_BACKEND=torch``:
 the interpreter's first launch costs seconds per process).
 """
 
@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dora_kernels
-from dora_kernels import _launch
 import reference
 
 IN, HID, OUT = 16, 24, 12
@@ -47,6 +46,7 @@ def _worker(rank, world, port, out_dir):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        assert dora_kernels.get_backend() == "torch"  # from DORA_KERNELS_BACKEND
         model = fused_model()
         assert dora_kernels.fused_layers(model) == ["0", "2"]
         ddp = DDP(model)
@@ -66,12 +66,12 @@ def _free_port():
 
 
 def test_ddp_gradients_equal_single_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(_launch, "INTERPRET", False)
+    monkeypatch.setenv("DORA_KERNELS_BACKEND", "torch")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     model = fused_model()
     x, t = batch()
-    nn.functional.mse_loss(model(x), t).backward()
+    with dora_kernels.use_backend("torch"):
+        nn.functional.mse_loss(model(x), t).backward()
     single = grads_of(model)
     assert len(single) == 6
     for rank in range(2):

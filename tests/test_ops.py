@@ -18,45 +18,28 @@ from hypothesis import strategies as st
 
 import dora_kernels
 import reference
-from dora_kernels import _launch, ops
-from tolerance import assert_close_to_f64
+from dora_kernels import launchers, runtime
+from tolerance import assert_close_to_f64, term_scales
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 GRAD_NAMES = ("x", "lora_A", "lora_B", "magnitude", "bias")
 P_DROP = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
-# backends
-
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    """The device to run on, with the backend the param names: ``triton`` runs the kernels
-    (compiled on CUDA, interpreted on CPU); ``torch`` forces the pure-torch path on CPU."""
-    if request.param == "torch":
-        monkeypatch.setattr(_launch, "INTERPRET", False)
-        dev = "cpu"
-    else:
-        dev = DEVICE
-    probe = torch.empty(0, device=dev)
-    assert _launch.uses_triton(probe) == (request.param == "triton"), (
-        f"backend {request.param!r} is not the one dora_kernels would use on {dev} "
-        f"(TRITON_INTERPRET must be 1 at import to test the kernels on a CPU)")
-    return dev
-
+# backends (the ``backend`` fixture is conftest's)
 
 def test_backend_fixture_picks_the_path(backend, request, monkeypatch):
     """The ``triton`` backend launches kernels and the ``torch`` backend launches none, so the
     parity tests below really test two implementations."""
     launches = []
-    real = dora_kernels.ops.launch
+    real = runtime.launch
 
     def counting(kernel, *args, **kwargs):
         launches.append(kernel)
         return real(kernel, *args, **kwargs)
 
-    monkeypatch.setattr(dora_kernels.ops, "launch", counting)
+    monkeypatch.setattr(launchers, "launch", counting)
     case = Case((5,), 12, 7, 3)
     t = _op_tensors(case, _values(case, 0), backend)
     y = dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0)
@@ -261,7 +244,12 @@ def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detache
         assert g is not None, f"d{k} is None"
         assert g.dtype == want_dtype[k], f"d{k} has dtype {g.dtype}, want {want_dtype[k]}"
 
-    assert_close_to_f64(y, y_ref, y64, name="y")
+    v64 = {k: (None if val is None else val.double()) for k, val in v.items()}
+    keep = ref_kw.get("dropout_mask")
+    scales = term_scales(v64["x"], v64["weight"], v64["lora_A"], v64["lora_B"], v64["magnitude"], case.scaling,
+                         v64["bias"], v64["G"], keep=None if keep is None else keep.cpu(), p=P_DROP,
+                         exact=norm_grad == "exact")
+    assert_close_to_f64(y, y_ref, y64, name="y", scale=scales["y"].to(y64.device))
     # Without dropout the backward reads u from a tensor stored in x's dtype: the output y (no
     # bias: u = y/g) or u itself (the memory design: one (N, out) tensor saved). So the gradients
     # built on u (dm, and with the exact norm gradient dA and dB through c = −m/n² · dm) carry one
@@ -273,7 +261,8 @@ def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detache
     via_y = {"magnitude"} | ({"lora_A", "lora_B"} if norm_grad == "exact" else set())
     for k in grads_ref:
         ulp_dtype = base if (k in via_y and case.drop != "train") else None
-        assert_close_to_f64(grads[k], grads_ref[k], grads64[k], name=f"d{k}", dtype=ulp_dtype)
+        assert_close_to_f64(grads[k], grads_ref[k], grads64[k], name=f"d{k}", dtype=ulp_dtype,
+                            scale=scales[k].to(grads64[k].device))
     return y, grads
 
 
@@ -472,7 +461,7 @@ def test_small_magnitude_rows(case, backend, norm_grad):
 def test_small_magnitude_rows_past_32_bit_offsets(case, backend, monkeypatch):
     """Where an operand's offsets would pass 31 bits the kernel does not make those rows and the
     launcher makes them with torch (forced here): the same dm."""
-    monkeypatch.setattr(ops, "_offsets_fit_int32", lambda t: False)
+    monkeypatch.setattr(launchers, "offsets_fit_int32", lambda t: False)
     check_parity(case, backend, edit=_shrink_some_magnitudes)
 
 
@@ -579,20 +568,15 @@ def test_only_the_bias_needs_a_gradient(backend):
     torch.testing.assert_close(t["bias"].grad, t["G"].sum(0))
 
 
-def test_dorafunction_apply_save_output(backend):
-    """The public autograd.Function: both save modes give the functional op's gradients."""
+def test_save_output_modes_give_the_same_gradients(backend):
+    """Both save modes (the output y, or u) give the same output and gradients."""
     case = Case((7,), 21, 9, 3, "f32", "frozen")
     v = _values(case, 1)
     want = None
-    for save_output in (True, False, None):
+    for save_output in (True, False):
         t = _op_tensors(case, v, backend)
-        t["bias"] = None  # the op saves y only without a bias
-        args = (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], t["bias"], 2.0, 0.0, 0, "detached",
-                None)
-        if save_output is None:
-            y = dora_kernels.dora_linear(*args[:5], 2.0, t["bias"])
-        else:
-            y = dora_kernels.DoRAFunction.apply(*args, save_output)
+        y = dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0,
+                                     save_output=save_output)  # no bias: the op saves y only then
         y.backward(t["G"])
         got = [y.detach()] + [t[k].grad for k in ("x", "lora_A", "lora_B", "magnitude")]
         if want is None:

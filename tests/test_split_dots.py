@@ -1,4 +1,4 @@
-"""The bf16 split-dot path (kernels._split_bf16 / SPLIT) that the GPU takes for bf16 inputs.
+"""The bf16 split-dot path (kernels._dot_exact_bf16 / SPLIT) that the GPU takes for bf16 inputs.
 
 The interpreter multiplies bf16 dot operands as raw integers, so by default the package
 upcasts there and never runs this path on a CPU. These tests teach the interpreter's dot to
@@ -12,11 +12,11 @@ import torch
 
 import dora_kernels
 import reference
-from dora_kernels import _launch, ops
+from dora_kernels import backend, launchers
 from tolerance import assert_close_to_f64
 
 interpreter = pytest.importorskip("triton.runtime.interpreter")
-pytestmark = pytest.mark.skipif(not _launch.INTERPRET, reason="patches Triton's interpreter")
+pytestmark = pytest.mark.skipif(not backend.INTERPRET, reason="patches Triton's interpreter")
 
 
 @pytest.fixture
@@ -33,8 +33,8 @@ def split_path(monkeypatch):
         return orig(self, f32(a), f32(b), d, input_precision, max_num_imprecise_acc)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-    monkeypatch.setattr(ops, "_split", lambda dtype: dtype == torch.bfloat16)
-    monkeypatch.setattr(ops, "_upcast", lambda dtype: False)
+    monkeypatch.setattr(launchers, "_split", lambda dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(launchers, "_upcast", lambda dtype: False)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["nodrop", "drop"])
