@@ -21,20 +21,41 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import launchers, torch_path
-from .backend import uses_triton
+from .backend import get_backend, uses_triton
 from .common import FLOATS, NORM_GRADS, recip, u_dtype, xa_dtype
+from .runtime import KernelUnavailable
 
 _F32 = torch.float32
+_WARNED: set = set()
 
 
-def _impl(t: Tensor):
-    return launchers if uses_triton(t) else torch_path
+def _call(fn: str, t: Tensor, *args, **kwargs):
+    """``launchers.<fn>`` where the Triton kernels run on tensors like ``t``, else ``torch_path.<fn>``.
+
+    In the ``auto`` backend a kernel that cannot compile or launch on this GPU
+    (``runtime.KernelUnavailable``) sends the step to the torch path, with one warning per
+    kernel, config and device; ``DORA_KERNELS_STRICT=1`` or the ``triton`` backend raise instead.
+    """
+    if uses_triton(t):
+        try:
+            return getattr(launchers, fn)(*args, **kwargs)
+        except KernelUnavailable as e:
+            if get_backend() == "triton" or os.environ.get("DORA_KERNELS_STRICT", "0") == "1":
+                raise
+            key = (e.kernel, e.config, e.device)
+            if key not in _WARNED:
+                _WARNED.add(key)
+                warnings.warn(f"dora_kernels: {e}; running the pure-torch path instead (DORA_KERNELS_STRICT=1 "
+                              "raises)", RuntimeWarning, stacklevel=3)
+    return getattr(torch_path, fn)(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +67,7 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
     With ``with_wa`` also returns ``W0·Aᵀ`` (M, R) fp32 (the exact norm gradient needs it),
     else None.
     """
-    return _impl(weight).weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
+    return _call("weight_norm", weight, weight, lora_A, lora_B, scaling, with_wa=with_wa)
 
 
 def dropout_mask(seed: int, shape, p: float, device="cpu") -> torch.Tensor:
@@ -60,7 +81,7 @@ def dropout_mask(seed: int, shape, p: float, device="cpu") -> torch.Tensor:
     K = shape[-1] if shape else 1
     N = math.prod(shape[:-1]) if len(shape) > 1 else 1
     probe = torch.empty(0, device=device)
-    return _impl(probe).dropout_mask(seed, N, K, p, probe.device).reshape(shape)
+    return _call("dropout_mask", probe, seed, N, K, p, probe.device).reshape(shape)
 
 
 def draw_seed() -> torch.Tensor:
@@ -80,9 +101,9 @@ def _seed(dropout_seed: Optional[Tensor]) -> int:
 def dora_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
                  bias: Optional[Tensor], norm: Optional[Tensor], dropout_p: float, dropout_seed: Optional[Tensor],
                  norm_grad: str, need_u: bool, save_output: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, xa, u, n, wa = _impl(x).dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, norm=norm,
-                                            dropout_p=dropout_p, dropout_seed=_seed(dropout_seed),
-                                            with_wa=norm_grad == "exact", need_u=need_u)
+    y, xa, u, n, wa = _call("dora_forward", x, x, weight, lora_A, lora_B, magnitude, scaling, bias, norm=norm,
+                            dropout_p=dropout_p, dropout_seed=_seed(dropout_seed), with_wa=norm_grad == "exact",
+                            need_u=need_u)
     if n is norm:  # a custom op's outputs may not alias its inputs: the given norm is not returned
         n = n.new_empty(0)
     return y, xa, u if u is not None else x.new_empty(0), n, wa if wa is not None else n.new_empty(0)
@@ -138,8 +159,8 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, xa,
         raise ValueError(f"dora_backward: norm {tuple(norm.shape)}, xa {tuple(xa.shape)}, saved {tuple(saved.shape)} "
                          f"and dy {tuple(dy.shape)} must be ({M},), ({N}, {R}), ({N}, {M}) and ({N}, {M})")
     u, y = (None, saved) if save_output else (saved, None)
-    dx, dA, dB, dm = _impl(x).dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u=u, y=y,
-                                            dropout_p=dropout_p, dropout_seed=dropout_seed, need_dx=need_dx)
+    dx, dA, dB, dm = _call("dora_backward", x, dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u=u, y=y,
+                           dropout_p=dropout_p, dropout_seed=dropout_seed, need_dx=need_dx)
     if norm_grad == "exact" and (need_a or need_b):
         dA, dB = _exact_norm_grad(dA, dB, dm, weight, lora_A, lora_B, magnitude, scaling, norm, wa)
     return (dx if need_dx else None, dA if need_a else None, dB if need_b else None,

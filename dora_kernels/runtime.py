@@ -15,6 +15,13 @@ kernel object and its bound arguments), so a dry run on meta tensors can count l
 and bytes from the code path itself, and the compile report can specialise each launch
 exactly as the JIT would (``bench/compile_report.py``).
 
+A kernel that fails to compile, or to launch for want of resources (shared memory, registers),
+raises ``KernelUnavailable`` naming the GPU, the kernel, its config and the error; the failure is
+remembered per (kernel, config, device), so a second launch of it raises at once without
+compiling again. ``ops`` then runs that step on the torch path in the ``auto`` backend (one
+warning), or raises with ``DORA_KERNELS_STRICT=1`` or the ``triton`` backend. Faults on the
+device (an illegal address) are not such failures: they surface as they are.
+
 ``DORA_KERNELS_AUTOTUNE=1`` (read at each launch) lets Triton's autotuner choose the tile of
 the two GEMM kernels among neighbours of the heuristic's config (``heuristics.AUTOTUNED``), on
 a GPU only; under the interpreter, on meta tensors and while recording it is ignored.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -131,23 +139,74 @@ def bind(kernel, meta: dict, args: dict) -> dict:
     return bound
 
 
+class KernelUnavailable(RuntimeError):
+    """A kernel config that did not compile or launch on this device (see module doc)."""
+
+    def __init__(self, kernel: str, config: str, device: str, error: BaseException):
+        self.kernel, self.config, self.device, self.error = kernel, config, device, error
+        super().__init__(f"{kernel} [{config}] cannot run on {device}: {type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}")
+
+
+def _compile_errors() -> tuple:
+    """Triton's errors of compiling or of launch resources (not the interpreter's, not faults)."""
+    found = []
+    for mod, name in (("triton.errors", "TritonError"), ("triton.runtime.errors", "OutOfResources"),
+                      ("triton.runtime.errors", "PTXASError"), ("triton.compiler.errors", "CompilationError")):
+        try:
+            found.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_FAILED: dict = {}  # (kernel, config, device) -> KernelUnavailable
+
+
+def _device_name(device) -> str:
+    if device is None:
+        return "the CPU (interpreter)"
+    try:
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    except Exception:  # a stand-in device in tests
+        return str(device)
+
+
+def _config_key(meta: dict) -> str:
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(meta.items()))
+
+
+def _run(kernel, grid, bound, meta):
+    tuned = _autotuned(kernel, meta) if _autotune_on(bound) else None
+    if tuned is not None:
+        tuner, grid_fn, rest = tuned
+        tuner[grid_fn](**bound, **rest)
+    else:
+        kernel[tuple(grid)](**bound, **meta)
+
+
 def launch(kernel, grid, meta, *, flops=0, unit="tensor", reads=(), writes=(), **args):
     """Run ``kernel`` on ``grid`` with ``args`` bound by name and ``meta`` (see module doc)."""
     meta = dict(meta)
     bound = bind(kernel, meta, args)
+    name = kernel_name(kernel)
     if _recorder is not None:
-        _recorder(Launch(kernel_name(kernel), tuple(grid), meta, int(flops), unit,
+        _recorder(Launch(name, tuple(grid), meta, int(flops), unit,
                          [(tuple(t.shape), t.dtype) for t in reads], [(tuple(t.shape), t.dtype) for t in writes],
                          kernel=kernel, args=bound))
         return
     device = _cuda_device(bound)
+    key = (name, _config_key(meta), str(device))
+    if key in _FAILED:
+        raise _FAILED[key]
     with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
-        tuned = _autotuned(kernel, meta) if _autotune_on(bound) else None
-        if tuned is not None:
-            tuner, grid_fn, rest = tuned
-            tuner[grid_fn](**bound, **rest)
-        else:
-            kernel[tuple(grid)](**bound, **meta)
+        try:
+            _run(kernel, grid, bound, meta)
+        except _compile_errors() as e:
+            if type(e).__name__ == "InterpreterError":
+                raise
+            _FAILED[key] = KernelUnavailable(name, key[1], _device_name(device), e)
+            raise _FAILED[key] from e
 
 
 # ---------------------------------------------------------------------------------------------
