@@ -15,7 +15,8 @@ autograd engine runs backward passes on its own threads, which a context variabl
 - ``torch``: the pure-torch path on any device (same math, same memory-lean saved tensors).
 
 float64 always takes the torch path (the kernels compute in fp32). Meta tensors run the
-launchers only inside ``runtime.recording`` (the dry-run trace and the compile report).
+launchers only inside ``runtime.recording`` (the dry-run trace and the compile report; ``ops``
+checks that).
 """
 
 from __future__ import annotations
@@ -60,9 +61,7 @@ def use_backend(name: str):
 def uses_triton(t: torch.Tensor) -> bool:
     """True if the op runs the Triton kernels on tensors like ``t`` under the backend in force."""
     if t.device.type == "meta":
-        from .runtime import is_recording
-
-        return is_recording()
+        return False  # (the op runs the launchers on meta tensors inside runtime.recording)
     if t.dtype == torch.float64 or _backend == "torch":
         return False
     if t.is_cuda:

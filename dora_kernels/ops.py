@@ -31,7 +31,7 @@ from torch import Tensor
 from . import launchers, torch_path
 from .backend import get_backend, uses_triton
 from .common import FLOATS, NORM_GRADS, recip, u_dtype, xa_dtype
-from .runtime import KernelUnavailable
+from .runtime import KernelUnavailable, is_recording
 
 _F32 = torch.float32
 _WARNED: set = set()
@@ -44,7 +44,7 @@ def _call(fn: str, t: Tensor, *args, **kwargs):
     (``runtime.KernelUnavailable``) sends the step to the torch path, with one warning per
     kernel, config and device; ``DORA_KERNELS_STRICT=1`` or the ``triton`` backend raise instead.
     """
-    if uses_triton(t):
+    if (t.device.type == "meta" and is_recording()) or uses_triton(t):
         try:
             return getattr(launchers, fn)(*args, **kwargs)
         except KernelUnavailable as e:
