@@ -17,6 +17,8 @@ column), which ``python -m bench.compile_report --arch 80,90`` regenerates. A co
 neither is compiled here, so a changed kernel is always compiled and checked; of the results
 taken from the committed report, ``VERIFY`` are compiled again on every run (drawn from every
 kernel and arch, different ones each day) and must match.
+The committed report also covers the consumer cards (sm_86, sm_89, sm_120):
+``test_committed_report_covers_every_arch`` holds its rows to the same rules without compiling.
 Skipped when the wheel's ptxas / cuobjdump are missing.
 """
 
@@ -36,6 +38,7 @@ from bench import compile_report as CR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)
+COMMITTED_ARCHS = (80, 86, 89, 90, 120)  # what bench/results/compile_report.csv covers
 REPORT = os.path.join(ROOT, "bench", "results", "compile_report.csv")
 VERIFY = 24  # reused rows compiled again on every run
 
@@ -74,6 +77,22 @@ def test_every_kernel_and_arch_compiled(rows):
            if r["status"].startswith(("compile error", "worker", "cuobjdump", "report mismatch"))]
     assert not bad, "\n".join(bad)
     assert all(r["registers"] != "" and r["shared_bytes"] != "" for r in rows)
+
+
+def test_committed_report_covers_every_arch():
+    """The committed report: every kernel on every arch users have, 0 flagged (spills, shared
+    memory over the arch's limit, compile errors, sm_90 GEMM tiles without wgmma)."""
+    with open(REPORT) as f:
+        committed = list(csv.DictReader(f))
+    for r in committed:
+        for k in ("registers", "spill_bytes", "shared_bytes", "shared_limit", "num_warps"):
+            r[k] = int(r[k]) if r[k] not in ("", None) else ""
+    assert {r["arch"] for r in committed} == {f"sm_{a}" for a in COMMITTED_ARCHS}
+    kernels = {r["kernel"] for r in committed}
+    for arch in COMMITTED_ARCHS:
+        assert {r["kernel"] for r in committed if r["arch"] == f"sm_{arch}"} == kernels, arch
+    bad = [f"{_id(r)}: {CR.problems(r)}" for r in committed if CR.problems(r)]
+    assert not bad, "\n".join(bad[:20])
 
 
 def test_no_spills(rows):
