@@ -344,7 +344,7 @@ def _sum_gb(gb_part_ptr, o_n, m_n, o_r, R, N, S):
 @triton.jit(do_not_specialize=["N", "R", "S", "dropout_seed"])
 def _dx_kernel(
     dx_ptr, stride_dxn, stride_dxk,  # out (N, K): dx (HAS_DX: x needs a gradient; else None)
-    da_part_ptr,  # out (T, R, K) fp32: per token block, gbᵀ·(x ⊙ keep)
+    da_part_ptr,  # out (T, R, K) fp32: per token block, gbᵀ·(x ⊙ keep) (HAS_DA_PART: A trains; else None)
     dy_ptr, stride_dyn, stride_dym,  # dy: token, column
     w_ptr, stride_wm, stride_wk,  # W0: row, column
     a_ptr, stride_ar, stride_ak,  # A: rank, column
@@ -353,10 +353,10 @@ def _dx_kernel(
     mag_ptr, norm_ptr,  # (M,) each
     N, M, K, R, S, scaling, dropout_p, dropout_seed, inv_keep,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_N: tl.constexpr, HAS_DX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    GROUP_N: tl.constexpr, HAS_DX: tl.constexpr, HAS_DA_PART: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Without HAS_DX only the dA partials are made.
+    # Without HAS_DX only the dA partials are made; without HAS_DA_PART (a frozen A) only dx.
     # dx = (dy ⊙ g)·W0 + s·gb·A                                            (no dropout)
     # dx = dy·W0 + keep/(1 − p) ⊙ [((g − 1) ⊙ dy)·W0 + s·gb·A]              (dropout)
     pid_n, pid_k = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
@@ -402,21 +402,22 @@ def _dx_kernel(
             b_acc += tl.where(m_keep, b_accd * inv_keep, 0.0)
         tl.store(dx_ptr + o_n[:, None] * stride_dxn + o_k[None, :] * stride_dxk,
                  _rounded(b_acc, dx_ptr), mask=m_n[:, None] & m_k[None, :])
-    # dA partial after dx is stored, so its x tile does not compete with the accumulator.
-    b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
-                  mask=m_n[:, None] & m_k[None, :], other=0.0)
-    if HAS_DROPOUT:
-        b_x = tl.where(m_keep, b_x, 0.0).to(b_x.dtype)
-    if not SPLIT:
-        b_x = b_x.to(tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        b_gb = _sum_gb(gb_part_ptr, o_n, m_n, r0 + o_r, R, N, S)
-        if SPLIT:
-            b_da = _dot_exact_bf16(b_x, tl.trans(b_gb), tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), False)
-        else:
-            b_da = tl.dot(tl.trans(b_gb), b_x, input_precision=PREC)
-        tl.store(da_part_ptr + (pid_n * R + (r0 + o_r)[:, None]) * K + o_k[None, :], b_da,
-                 mask=((r0 + o_r) < R)[:, None] & m_k[None, :])
+    if HAS_DA_PART:
+        # dA partial after dx is stored, so its x tile does not compete with the accumulator.
+        b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk,
+                      mask=m_n[:, None] & m_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            b_x = tl.where(m_keep, b_x, 0.0).to(b_x.dtype)
+        if not SPLIT:
+            b_x = b_x.to(tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            b_gb = _sum_gb(gb_part_ptr, o_n, m_n, r0 + o_r, R, N, S)
+            if SPLIT:
+                b_da = _dot_exact_bf16(b_x, tl.trans(b_gb), tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), False)
+            else:
+                b_da = tl.dot(tl.trans(b_gb), b_x, input_precision=PREC)
+            tl.store(da_part_ptr + (pid_n * R + (r0 + o_r)[:, None]) * K + o_k[None, :], b_da,
+                     mask=((r0 + o_r) < R)[:, None] & m_k[None, :])
 
 
 @triton.jit
@@ -432,13 +433,13 @@ def _sum_rows(out_ptr, part_ptr, T, L, pid, scale, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["TA", "TB"])
 def _sum_partials_kernel(
-    da_ptr,  # out (R, K): dA = s/(1 − p) · Σ_t da_part[t]
+    da_ptr,  # out (R, K): dA = s/(1 − p) · Σ_t da_part[t] (HAS_DA: A trains; else None, RK = 0)
     db_ptr,  # out (M, R): dB = s · Σ_t db_part[t]
     dm_ptr,  # out (M,): dm = Σ_t dm_part[t] / n (0 where n = 0)
     da_part_ptr, db_part_ptr, dm_part_ptr,  # (TA, R·K), (TB, M·R), (TB, M) fp32
     norm_ptr,  # (M,)
     TA, TB, RK, MR, M, scale_a, scale_b,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_DA: tl.constexpr,
 ):
     # One launch sums every token-reduction partial of the backward: programs [0, na) make dA,
     # [na, na + nb) dB, the rest dm.
@@ -446,7 +447,8 @@ def _sum_partials_kernel(
     na = tl.cdiv(RK, BLOCK)
     nb = tl.cdiv(MR, BLOCK)
     if pid < na:
-        _sum_rows(da_ptr, da_part_ptr, TA, RK, pid, scale_a, BLOCK)
+        if HAS_DA:
+            _sum_rows(da_ptr, da_part_ptr, TA, RK, pid, scale_a, BLOCK)
     elif pid < na + nb:
         _sum_rows(db_ptr, db_part_ptr, TB, MR, pid - na, scale_b, BLOCK)
     else:

@@ -149,8 +149,8 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
 # backward
 
 def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *, u=None, y=None, dropout_p=0.0,
-                  dropout_seed=0, need_dx=True):
-    """``(dx or None, dA, dB, dm)`` of the detached-norm op from dy = dL/dy (N, M).
+                  dropout_seed=0, need_dx=True, need_a=True):
+    """``(dx or None, dA or None, dB, dm)`` of the detached-norm op from dy = dL/dy (N, M).
 
     The forward saved either ``u`` (ũ with dropout) or, with ``save_output`` (no dropout, no
     bias), its output ``y``: then u = y / g, made again from x and W0 instead for the rows with
@@ -163,8 +163,8 @@ def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *
     dev = x.device
     magnitude = magnitude.contiguous()
     if N == 0 or M == 0:
-        return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(lora_A), torch.zeros_like(lora_B),
-                torch.zeros_like(magnitude))
+        return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(lora_A) if need_a else None,
+                torch.zeros_like(lora_B), torch.zeros_like(magnitude))
     arch, sms = target(x)
     cfg = H.bwd_dy_config(N=N, M=M, R=R, dtype=x.dtype, arch=arch, num_sms=sms)
     T, S = cfg.sizes["T"], cfg.sizes["S"]
@@ -180,27 +180,32 @@ def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *
 
     cfg = H.dx_config(N=N, K=K, dtype=x.dtype, arch=arch, has_dropout=dropout_p > 0, has_dx=need_dx)
     dx = torch.empty((N, K), dtype=x.dtype, device=dev) if need_dx else None
-    TA = cfg.sizes["T"]
-    da_part = torch.empty((TA, R, K), dtype=torch.float32, device=dev)
-    # Without dx the M loop compiles out: only the dA partials (a pass over x).
-    flops = (2 * N * M * K * (2 if dropout_p > 0 else 1) + 4 * N * K * R) if need_dx else 2 * N * K * R
+    TA = cfg.sizes["T"] if need_a else 0
+    da_part = torch.empty((TA, R, K), dtype=torch.float32, device=dev) if need_a else None
+    # Without dx the M loop compiles out: only the dA partials (a pass over x); without dA, only dx.
+    flops = (2 * N * M * K * (2 if dropout_p > 0 else 1) + 2 * N * K * R) if need_dx else 0
+    flops += 2 * N * K * R if need_a else 0
     inv_keep = 1.0 / (1.0 - dropout_p)
-    launch(K_._dx_kernel, cfg.grid,
-           dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype), SPLIT=_split(x.dtype), PREC=_prec()),
-           flops=flops, reads=([dy, weight] if need_dx else []) + [lora_A, x, gb_part, magnitude, norm],
-           writes=([dx] if need_dx else []) + [da_part],
-           dx=dx, da_part=da_part, dy=dy, w=weight, a=lora_A, x=x, gb_part=gb_part, mag=magnitude, norm=norm,
-           N=N, M=M, K=K, R=R, S=S, scaling=float(scaling), dropout_p=float(dropout_p),
-           dropout_seed=int(dropout_seed), inv_keep=inv_keep)
+    if need_dx or need_a:
+        launch(K_._dx_kernel, cfg.grid,
+               dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype), SPLIT=_split(x.dtype),
+                    PREC=_prec()),
+               flops=flops, reads=([dy, weight, lora_A] if need_dx else []) + ([x] if need_a else [])
+               + [gb_part, magnitude, norm],
+               writes=([dx] if need_dx else []) + ([da_part] if need_a else []),
+               dx=dx, da_part=da_part, dy=dy, w=weight, a=lora_A, x=x, gb_part=gb_part, mag=magnitude, norm=norm,
+               N=N, M=M, K=K, R=R, S=S, scaling=float(scaling), dropout_p=float(dropout_p),
+               dropout_seed=int(dropout_seed), inv_keep=inv_keep)
 
-    dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
+    dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format) if need_a else None
     dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
     dm = torch.empty_like(magnitude)
-    cfg = H.sum_partials_config(RK=R * K, MR=M * R, M=M)
-    launch(K_._sum_partials_kernel, cfg.grid, cfg.meta, flops=TA * R * K + T * M * R + T * M, unit="vector",
-           reads=[da_part, db_part, dm_part, norm], writes=[dA, dB, dm],
+    RK = R * K if need_a else 0
+    cfg = H.sum_partials_config(RK=RK, MR=M * R, M=M)
+    launch(K_._sum_partials_kernel, cfg.grid, cfg.meta, flops=TA * RK + T * M * R + T * M, unit="vector",
+           reads=([da_part] if need_a else []) + [db_part, dm_part, norm], writes=([dA] if need_a else []) + [dB, dm],
            da=dA, db=dB, dm=dm, da_part=da_part, db_part=db_part, dm_part=dm_part, norm=norm,
-           TA=TA, TB=T, RK=R * K, MR=M * R, M=M, scale_a=float(scaling * inv_keep), scale_b=float(scaling))
+           TA=TA, TB=T, RK=RK, MR=M * R, M=M, scale_a=float(scaling * inv_keep), scale_b=float(scaling))
     if y is not None:
         # dm of the rows with |m| < G_REDO · n (none, in DoRA as trained) made again from x and W0
         # (fp32 dots by FMA: exact, and no register spills; their FLOPs are not counted), or by

@@ -159,8 +159,9 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, bias, norm, xa,
         raise ValueError(f"dora_backward: norm {tuple(norm.shape)}, xa {tuple(xa.shape)}, saved {tuple(saved.shape)} "
                          f"and dy {tuple(dy.shape)} must be ({M},), ({N}, {R}), ({N}, {M}) and ({N}, {M})")
     u, y = (None, saved) if save_output else (saved, None)
+    # dA is needed by the exact norm gradient's correction only when A itself trains
     dx, dA, dB, dm = _call("dora_backward", x, dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, u=u, y=y,
-                           dropout_p=dropout_p, dropout_seed=dropout_seed, need_dx=need_dx)
+                           dropout_p=dropout_p, dropout_seed=dropout_seed, need_dx=need_dx, need_a=need_a)
     if norm_grad == "exact" and (need_a or need_b):
         dA, dB = _exact_norm_grad(dA, dB, dm, weight, lora_A, lora_B, magnitude, scaling, norm, wa)
     return (dx if need_dx else None, dA if need_a else None, dB if need_b else None,
@@ -177,8 +178,9 @@ def _exact_norm_grad(dA, dB, dm, weight, lora_A, lora_B, magnitude, scaling, nor
     A32, B32 = lora_A.float(), lora_B.float()
     cB = c[:, None] * B32
     dB = (dB.float() + s * (c[:, None] * wa + s * cB @ (A32 @ A32.T))).to(lora_B.dtype)
-    cBW = (cB.T.to(weight.dtype) @ weight).float() if weight.dtype != torch.float64 else cB.T @ weight
-    dA = (dA.float() + s * (cBW + s * (B32.T @ cB) @ A32)).to(lora_A.dtype)
+    if dA is not None:  # (a frozen A needs neither this nor its pass over W0)
+        cBW = (cB.T.to(weight.dtype) @ weight).float() if weight.dtype != torch.float64 else cB.T @ weight
+        dA = (dA.float() + s * (cBW + s * (B32.T @ cB) @ A32)).to(lora_A.dtype)
     return dA, dB
 
 

@@ -78,7 +78,7 @@ def dm_redo(dm, dy, x, weight, lora_B, magnitude, norm, xa, scaling):
 
 
 def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *, u=None, y=None, dropout_p=0.0,
-                  dropout_seed=0, need_dx=True):
+                  dropout_seed=0, need_dx=True, need_a=True):
     """As ``launchers.dora_backward``."""
     N, K = x.shape
     p = dropout_p
@@ -95,8 +95,10 @@ def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *
     gb = gs @ lora_B.float()
     dB = (scaling * (gs.T @ xa.float())).to(lora_B.dtype)
     keep = dropout_mask(dropout_seed, N, K, p, x.device) if p > 0 else None
-    xd = x.float() if keep is None else x.float() * keep
-    dA = (scaling * inv_keep * (gb.T @ xd)).to(lora_A.dtype)
+    dA = None
+    if need_a:
+        xd = x.float() if keep is None else x.float() * keep
+        dA = (scaling * inv_keep * (gb.T @ xd)).to(lora_A.dtype)
     dx = None
     if need_dx:
         if p > 0:
