@@ -14,6 +14,7 @@ from .backend import get_backend, use_backend
 from .fuse import FuseReport, fuse, fuse_report, fused_layers, unfuse
 from .modules import DoRALinear
 from .ops import dora_linear, dropout_mask, weight_norm
+from ._lazy import __getattr__  # noqa: F401  DVoRAConfig, DVoRAModel, dvora_linear, ... on first use
 
 __all__ = ["DoRALinear", "FuseReport", "dora_linear", "dropout_mask", "fuse", "fuse_report", "fused_layers",
            "get_backend", "unfuse", "use_backend", "weight_norm"]
