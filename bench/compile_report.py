@@ -62,15 +62,12 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.tables import ALL_PAIRS, DTYPE_PAIRS, DTYPES  # noqa: F401  (the dtype tables: bench/tables.py)
+from bench.tables import ARCH_SMS as SMS
+from bench.tables import COMPILE_SHAPES as BENCH_SHAPES
+from bench.tables import COMPILE_TOKENS as BENCH_TOKENS
+
 DEFAULT_ARCHS = (80, 90)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (x / weight / bias dtype, adapters' dtype): same dtype, and 16-bit bases with fp32 adapters (PEFT's
-# default on a half-precision model)
-DTYPE_PAIRS = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp32")]
-# every pair the op accepts on the Triton path (x/weight/bias share a dtype; the adapters may differ)
-ALL_PAIRS = [(d, a) for d in ("fp32", "fp16", "bf16") for a in ("fp32", "fp16", "bf16")]
-BENCH_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (8192, 28672)]
-BENCH_TOKENS = (1, 16, 64, 256, 4096, 16384)
 BENCH_RANKS = (8, 16, 64, 256)
 # (dropout, bias, need_dx, exact norm gradient): every pair of values of any two flags
 FLAG_SETS = [(0, 0, 1, 0), (0, 1, 0, 1), (1, 1, 1, 0), (1, 0, 0, 1)]
@@ -84,7 +81,6 @@ EDGE_RANKS = (1, 17)
 QUICK = {"shapes": [(4096, 4096)], "tokens": (1, 64, 4096), "ranks": (16,),
          "dtypes": [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")], "flags": [(0, 0, 1, 0), (1, 1, 1, 0)],
          "cover": False}
-SMS = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 84}
 GEMM_KERNELS = ("_fwd_kernel", "_dx_kernel")
 SEED = 1234567  # a typical dropout seed: neither 1 nor a multiple of 16
 

@@ -23,7 +23,7 @@ arithmetic than counted (it forms B·A through an identity matrix), which shows 
 
 from __future__ import annotations
 
-MODES = ("fwd", "bwd", "step", "eval")
+from .tables import MODES  # noqa: F401  (bench.flops.MODES: the layer modes)
 
 
 def layer_flops(mode: str, tokens: int, in_features: int, out_features: int, r: int, *, floor: bool = False) -> int:

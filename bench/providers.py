@@ -16,6 +16,8 @@ linear         a frozen ``nn.Linear``: forward and input gradient only — the f
 Every provider shares the frozen weight (no bias, as in Llama's projections); the adapters
 (A, B ≠ 0, m) are copied in, in the adapter dtype (fp32 by default: PEFT's default for a
 bf16/fp16 model, ``autocast_adapter_dtype=True``). Dropout is 0 (the targets are stated there).
+The dry-run trace (``bench.trace``) builds the same modules on meta tensors, where a bias and
+dropout may be asked for (``make_tensors(..., bias=True, dropout=p)``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PROVIDERS = ("fused", "fused_peft", "reference", "compiled", "peft_dora", "peft_lora", "linear")
+from .tables import PROVIDERS, dtype_of, short_dtype  # noqa: F401  (re-exported: P.dtype_of, P.short_dtype)
 
 
 class Unavailable(Exception):
@@ -35,7 +37,8 @@ class Unavailable(Exception):
 
 @dataclass
 class Tensors:
-    """The shared inputs of one case: W (out, in), A (r, in), B (out, r), m (out,), x (N, in), G (N, out)."""
+    """The shared inputs of one case: W (out, in), A (r, in), B (out, r), m (out,), x (N, in), G (N, out);
+    the frozen bias (out,) or None and the adapters' dropout probability."""
 
     weight: torch.Tensor
     lora_A: torch.Tensor
@@ -46,10 +49,14 @@ class Tensors:
     scaling: float
     r: int
     alpha: float
+    bias: torch.Tensor | None = None
+    dropout: float = 0.0
 
 
-def make_tensors(tokens, in_features, out_features, r, dtype, adapter_dtype, device, seed=0) -> Tensors:
-    gen = torch.Generator(device=device).manual_seed(seed)
+def make_tensors(tokens, in_features, out_features, r, dtype, adapter_dtype, device, seed=0, *, bias=False,
+                 dropout=0.0) -> Tensors:
+    # meta tensors (the dry-run trace) have no values and no generator
+    gen = None if torch.device(device).type == "meta" else torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape, scale, dt):
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(dt)
@@ -64,7 +71,8 @@ def make_tensors(tokens, in_features, out_features, r, dtype, adapter_dtype, dev
         magnitude = torch.linalg.vector_norm(v, dim=1).to(adapter_dtype)
     x = rand(tokens, in_features, scale=1.0, dt=dtype).requires_grad_(True)
     grad = rand(tokens, out_features, scale=1.0, dt=dtype)
-    return Tensors(weight, lora_A, lora_B, magnitude, x, grad, scaling, r, alpha)
+    b = rand(out_features, scale=in_features ** -0.5, dt=dtype) if bias else None
+    return Tensors(weight, lora_A, lora_B, magnitude, x, grad, scaling, r, alpha, b, float(dropout))
 
 
 def _frozen(t):
@@ -78,9 +86,11 @@ def _trainable(t):
 def _dora_module(cls, t: Tensors) -> nn.Module:
     """A ``DoRALinear`` of either package, built on meta (no init) and given the shared tensors."""
     out_f, in_f = t.weight.shape
-    layer = cls(in_f, out_f, t.r, t.alpha, bias=False, device="meta", dtype=t.weight.dtype,
-                adapter_dtype=t.lora_A.dtype)
+    layer = cls(in_f, out_f, t.r, t.alpha, bias=t.bias is not None, dropout=t.dropout, device="meta",
+                dtype=t.weight.dtype, adapter_dtype=t.lora_A.dtype)
     layer.weight = _frozen(t.weight)
+    if t.bias is not None:
+        layer.bias = _frozen(t.bias)
     layer.lora_A = _trainable(t.lora_A)
     layer.lora_B = _trainable(t.lora_B)
     layer.magnitude = _trainable(t.magnitude)
@@ -127,11 +137,13 @@ def _compiled(t: Tensors) -> nn.Module:
 class _One(nn.Module):
     """The module PEFT wraps: one ``proj`` Linear."""
 
-    def __init__(self, weight):
+    def __init__(self, weight, bias=None):
         super().__init__()
         out_f, in_f = weight.shape
-        self.proj = nn.Linear(in_f, out_f, bias=False, device="meta", dtype=weight.dtype)
+        self.proj = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=weight.dtype)
         self.proj.weight = _frozen(weight)
+        if bias is not None:
+            self.proj.bias = _frozen(bias)
 
     def forward(self, x):
         return self.proj(x)
@@ -139,18 +151,20 @@ class _One(nn.Module):
 
 def _peft(t: Tensors, *, dora: bool) -> nn.Module:
     peft = _require("peft", "peft is not installed")
-    cfg = peft.LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=0.0, target_modules=["proj"], use_dora=dora)
+    cfg = peft.LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=t.dropout, target_modules=["proj"],
+                          use_dora=dora)
     # autocast_adapter_dtype=True (PEFT's default) keeps bf16/fp16 models' adapters in fp32.
     same = t.lora_A.dtype == t.weight.dtype
-    model = peft.get_peft_model(_One(t.weight), cfg, autocast_adapter_dtype=not same)
+    model = peft.get_peft_model(_One(t.weight, t.bias), cfg, autocast_adapter_dtype=not same)
     layer = model.base_model.model.proj
+    for p in layer.parameters():
+        if p.requires_grad and p.dtype != t.lora_A.dtype:
+            p.data = p.data.to(t.lora_A.dtype)  # 16-bit adapters on an fp32 model (autocast made them fp32)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(t.lora_A)
         layer.lora_B["default"].weight.copy_(t.lora_B)
         if dora:
             layer.lora_magnitude_vector["default"].weight.copy_(t.magnitude)
-    if layer.lora_A["default"].weight.dtype != t.lora_A.dtype:
-        raise Unavailable(f"PEFT made {layer.lora_A['default'].weight.dtype} adapters, not {t.lora_A.dtype}")
     return layer
 
 
@@ -165,8 +179,10 @@ def _fused_peft(t: Tensors) -> nn.Module:
 
 def _linear(t: Tensors) -> nn.Module:
     out_f, in_f = t.weight.shape
-    layer = nn.Linear(in_f, out_f, bias=False, device="meta", dtype=t.weight.dtype)
+    layer = nn.Linear(in_f, out_f, bias=t.bias is not None, device="meta", dtype=t.weight.dtype)
     layer.weight = _frozen(t.weight)
+    if t.bias is not None:
+        layer.bias = _frozen(t.bias)
     return layer
 
 
@@ -213,14 +229,3 @@ def fused_path(device: str) -> str:
     except ImportError:
         return "unknown"
     return "triton-interpreter" if getattr(launch, "INTERPRET", False) else "torch"
-
-
-def dtype_of(name: str) -> torch.dtype:
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}: one of {', '.join(table)}")
-    return table[name]
-
-
-def short_dtype(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))

@@ -27,11 +27,12 @@ import json
 import os
 import textwrap
 
+from .tables import RATIO_PROVIDERS
+
 COLUMNS = ["name", "provider", "mode", "metric", "unit", "tokens", "in_features", "out_features", "r", "dtype",
            "median", "p20", "p80", "device", "torch", "triton", "cuda", "timestamp", "adapter_dtype", "fused_path"]
 
 MiB = 1 << 20
-RATIO_PROVIDERS = ("fused", "fused_peft")
 # (metric, label, target, higher is better)
 RATIOS = [
     ("speedup_vs_peft_dora", "speedup vs PEFT DoRA (×)", 2.5, True),

@@ -33,6 +33,7 @@ from .flops import MODES, layer_flops
 from .report import fmt
 from .shapes import GROUPS, MODELS, parse_shapes
 from .shapes import defaults as sweep_defaults
+from .tables import nominal_bandwidth
 from .timing import bench, peak_bytes, saved_bytes
 
 ALL_MODES = MODES + ("norm",)
@@ -98,11 +99,6 @@ def _device_name(device: str) -> str:
     return f"cpu: {name} ({n} thread{'s' if n != 1 else ''})"
 
 
-# Nominal HBM bandwidth (bytes/s) by device name, where the driver does not report the memory clock.
-_HBM = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
-        ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 0.864e12)]
-
-
 def hbm_peak(device: str) -> float | None:
     """The GPU's nominal memory bandwidth in bytes/s (2 · memory clock · bus width), or None."""
     if device != "cuda":
@@ -112,8 +108,7 @@ def hbm_peak(device: str) -> float | None:
     bus_bits = getattr(props, "memory_bus_width", 0) or 0
     if clock_khz and bus_bits:
         return 2.0 * clock_khz * 1e3 * bus_bits / 8
-    name = torch.cuda.get_device_name()
-    return next((bw for key, bw in _HBM if key in name), None)
+    return nominal_bandwidth(torch.cuda.get_device_name())  # the data sheet's, by name (bench.tables.GPUS)
 
 
 def _slug(device: str) -> str:

@@ -1,6 +1,7 @@
 """The layer shapes the benchmark sweeps, and the default sweeps per device.
 
-Shapes are the real projections (``in → out``) of the models people fine-tune with DoRA:
+Shapes are the real projections (``in → out``) of the models people fine-tune with DoRA
+(``bench.tables.MODELS``):
 
 - Llama-3-8B: hidden 4096, intermediate 14336, 32 heads, 8 kv heads, head_dim 128
 - Qwen2.5-7B: hidden 3584, intermediate 18944, 28 heads, 4 kv heads, head_dim 128
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .tables import CPU_QUICK_TOKENS, CPU_SHAPES, CPU_TOKENS, GPU_QUICK_TOKENS, MODELS, TOKENS, projections
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -28,31 +31,9 @@ class Shape:
         return dims if self.name == f"{self.in_features}x{self.out_features}" else f"{self.name} {dims}"
 
 
-def _model(name, hidden, intermediate, heads, kv_heads, head_dim):
-    q = heads * head_dim
-    kv = kv_heads * head_dim
-    return name, {
-        "q": (hidden, q), "k": (hidden, kv), "v": (hidden, kv), "o": (q, hidden),
-        "gate": (hidden, intermediate), "up": (hidden, intermediate), "down": (intermediate, hidden),
-    }
-
-
-MODELS = dict([
-    _model("llama3-8b", 4096, 14336, 32, 8, 128),
-    _model("qwen2.5-7b", 3584, 18944, 28, 4, 128),
-    ("70b", {"up": (8192, 28672)}),
-])
-
-# CPU-sized stand-ins: an up-like and a down-like projection (CPU bf16 matmuls are slow; fp32).
-CPU_SHAPES = {"cpu.up": (256, 512), "cpu.down": (512, 256), "cpu.square": (1024, 1024)}
-
-
 def model_shapes(model: str) -> list[Shape]:
     """The distinct ``in → out`` of a model's projections, projections of one shape merged."""
-    by_shape: dict = {}
-    for proj, dims in MODELS[model].items():
-        by_shape.setdefault(dims, []).append(proj)
-    return [Shape(f"{model}.{'/'.join(projs)}", i, o) for (i, o), projs in by_shape.items()]
+    return [Shape(f"{model}.{projs}", i, o) for projs, i, o in projections(model)]
 
 
 GROUPS = {
@@ -108,8 +89,8 @@ def defaults(device: str, quick: bool) -> Defaults:
     """The sweep a run makes when no option overrides it (see bench/README.md)."""
     if device == "cuda":
         if quick:
-            return Defaults("gpu-quick", (256, 4096), (16,), ("bf16",), "mini")
-        return Defaults("gpu", (1, 16, 256, 4096, 16384), (16,), ("bf16",), "small")
+            return Defaults("gpu-quick", GPU_QUICK_TOKENS, (16,), ("bf16",), "mini")
+        return Defaults("gpu", TOKENS, (16,), ("bf16",), "small")
     if quick:
-        return Defaults("cpu-quick", (64, 512), (16,), ("fp32",), "tiny")
-    return Defaults("cpu", (64, 512, 2048), (16,), ("fp32",), "tiny")
+        return Defaults("cpu-quick", CPU_QUICK_TOKENS, (16,), ("fp32",), "tiny")
+    return Defaults("cpu", CPU_TOKENS, (16,), ("fp32",), "tiny")

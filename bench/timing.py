@@ -136,19 +136,21 @@ def peak_bytes(fn, *, grad_to_none=None) -> int:
 
 def _storage_key(t: torch.Tensor):
     s = t.untyped_storage()
-    return (t.device, s.data_ptr()), s.nbytes()
+    # meta storages have no address (data_ptr 0): the storage object names them
+    return (t.device, s._cdata if t.device.type == "meta" else s.data_ptr()), s.nbytes()
 
 
-def saved_bytes(forward, held=()) -> int:
+def saved_bytes(forward, held=(), *, return_output=False):
     """Bytes autograd saves during ``forward()`` and still holds when it returns, plus its
     output's, leaving out ``held`` tensors' storages (the parameters); each storage counted
     once. Tensors saved by a part of the graph that the forward already dropped (a detached
-    norm's, say) are freed by then and not counted."""
+    norm's, say) are freed by then and not counted. Works on meta tensors too (the dry-run
+    trace counts with it). ``return_output``: ``(bytes, forward's result)`` instead of bytes."""
     exclude = {_storage_key(t)[0] for t in held}
     saved = []
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+        if isinstance(t, torch.Tensor):
             saved.append((weakref.ref(t), *_storage_key(t)))
         return t
 
@@ -159,5 +161,8 @@ def saved_bytes(forward, held=()) -> int:
         if isinstance(t, torch.Tensor):
             key, nbytes = _storage_key(t)
             live[key] = nbytes
+    total = sum(n for k, n in live.items() if k not in exclude)
+    if return_output:
+        return total, out
     del out
-    return sum(n for k, n in live.items() if k not in exclude)
+    return total

@@ -14,6 +14,7 @@ a machine with a real GPU, where the real run is the test.
 from __future__ import annotations
 
 import csv
+import json
 import time
 import types
 
@@ -138,3 +139,57 @@ def test_gpu_model_figure_completes(fake_cuda, tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     got = {(r["provider"], r["metric"]) for r in rows if r["mode"] == "model-step"}
     assert {("fused", "peak_mem"), ("peft_dora", "peak_mem"), ("fused", "time")} <= got, sorted(got)
+
+
+def test_acceptance_derives_the_gemm_efficiency_from_fake_timings(tmp_path, monkeypatch):
+    """``bench.acceptance --part compare`` on a results.csv whose times are the trace's own model
+    with the Triton GEMMs at 0.6 of cuBLAS and cuBLAS at 650 TFLOP/s: it recovers 0.6, writes it
+    into the folder, and the trace reads it back."""
+    from bench import acceptance as A
+    from bench import trace as T
+
+    gpu = {"name": "NVIDIA H100 80GB HBM3 (stand-in)", "arch": (9, 0), "sms": 132}
+    key, spec = A.gpu_spec(gpu)
+    assert key == "H100-SXM" and spec is not T.GPUS[key]
+    truth = dict(spec, mm=650e12)
+    shape, rows = T.Shape("2048x2048", 2048, 2048), []
+    for n in (16, 2048):
+        for prov in ("fused", "linear"):
+            tr = T.trace_layer(prov, shape, n)
+            for mode in T.MODES:
+                c = tr.mode(mode)
+                ms = 1e3 * (T.predict_s(c, truth, eff=0.6) if prov == "fused" else T.predict_s(c, truth))
+                rows.append({"name": shape.name, "provider": prov, "mode": mode, "metric": "time", "unit": "ms",
+                             "tokens": n, "in_features": 2048, "out_features": 2048, "r": 16, "dtype": "bf16",
+                             "adapter_dtype": "bf16", "median": repr(ms), "p20": repr(ms), "p80": repr(ms)})
+    (tmp_path / "bench").mkdir()
+    with open(tmp_path / "bench" / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    gpus_before = {k: dict(v) for k, v in T.GPUS.items()}
+    monkeypatch.setattr(A, "_gpu", lambda: gpu)
+    assert A.main(["--part", "compare", "--out", str(tmp_path)]) == 0
+    assert {k: dict(v) for k, v in T.GPUS.items()} == gpus_before  # the trace's GPU table is left alone
+
+    summary = json.loads((tmp_path / "gemm_efficiency.json").read_text())
+    assert summary["constants"] == "H100-SXM" and summary["gpu"] == gpu["name"]
+    assert summary["efficiency"] == pytest.approx(0.6, rel=1e-6)
+    assert summary["cases"] == 4 and set(summary["by_mode"]) == set(T.MODES)  # the 2048-token cases
+    assert summary["cublas_tflops"] == pytest.approx(650, rel=1e-4)
+    with open(tmp_path / "gemm_efficiency.csv", newline="") as f:
+        cases = list(csv.DictReader(f))
+    assert {(c["tokens"], c["used"]) for c in cases} == {("16", "0"), ("2048", "1")}
+    assert all(float(c["cublas_tflops"]) == pytest.approx(650, rel=1e-4) for c in cases if c["used"] == "1")
+    with open(tmp_path / "measured_vs_predicted.csv", newline="") as f:
+        joined = list(csv.DictReader(f))
+    assert len(joined) == len(rows)
+    for r in joined:
+        assert float(r["predicted_ms"]) >= float(r["predicted_ms_at_cublas_parity"])
+        # refit with the measured cuBLAS rate and efficiency, the model reproduces the fake measurement
+        assert float(r["measured_over_refit"]) == pytest.approx(1.0, abs=2e-3)
+    status = json.loads((tmp_path / "acceptance.json").read_text())
+    assert status["compare"]["status"] == 0
+
+    specs = T.gpu_specs(str(tmp_path / "gemm_efficiency.json"))
+    assert specs["H100-SXM"]["triton_gemm_eff"] == pytest.approx(0.6, rel=1e-6)

@@ -4,10 +4,13 @@ on meta tensors only."""
 from __future__ import annotations
 
 import csv
+import json
+import math
 
 import pytest
 import torch
 
+from bench import tables as TB
 from bench import trace as T
 
 SHAPE = [("q/o", 1024, 1024)]
@@ -27,7 +30,9 @@ def _one(rows, provider, mode, gpu="H100-SXM"):
 
 def test_columns_and_rows(rows):
     need = {"provider", "mode", "tokens", "in_features", "out_features", "r", "dtype", "launches", "flops",
-            "hbm_bytes", "saved_bytes", "gpu", "predicted_ms", "kind"}
+            "hbm_bytes", "saved_bytes", "gpu", "predicted_ms", "kind", "triton_gemm_eff",
+            "predicted_ms_at_cublas_parity", "ratio_floor_at_cublas_parity", "ratio_peft_dora_at_cublas_parity",
+            "ratio_peft_lora_at_cublas_parity"}
     assert need <= set(T.COLUMNS)
     assert all(set(r) == set(T.COLUMNS) for r in rows)
     assert {r["provider"] for r in rows} == set(T.PROVIDERS)
@@ -99,9 +104,8 @@ def test_the_fused_trace_runs_no_kernel(monkeypatch):
                     devices.add(t.device.type)
             return out
 
-    s = T.Shape("q", 1024, 1024, 256)
     with Devices():
-        tr = T.trace_layer("fused", s)
+        tr = T.trace_layer("fused", T.Shape("q", 1024, 1024), 256)
     names = [e.name for e in tr.mode("step").events]
     assert "_fwd_kernel" in names and "_dx_kernel" in names, names
     assert devices <= {"meta"}, devices
@@ -114,7 +118,11 @@ def test_write_and_targets(rows, tmp_path):
     assert len(got) == len(rows) and set(got[0]) == set(T.COLUMNS)
     text = (tmp_path / "trace.md").read_text()
     assert "prediction" in text and "launch overhead" in text
-    assert (tmp_path / "trace_constants.json").exists()
+    # the efficiency the Triton GEMMs are predicted at, its sources, and the parity columns
+    assert "triton issue #3672" in text and "triton PR #5726" in text and "at parity" in text
+    consts = json.loads((tmp_path / "trace_constants.json").read_text())
+    assert consts["triton_gemm_efficiency"]["points"][0][1] == 0.38
+    assert any("#3672" in src for src in consts["triton_gemm_efficiency"]["sources"])
     assert plotted == (tmp_path / "trace.png").exists()
     # the shape is not one of the issue's (8B) layers: no target is judged on it
     assert targets == []
@@ -132,3 +140,115 @@ def test_count_rules():
     assert c.events[2].bytes == 2 * 2 * 64 * 32 and c.events[2].other_flops == 64 * 32
     v = torch.empty(16, device="meta").expand(64, 16)
     assert T.distinct_bytes(v) == 16 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables the trace predicts with (bench.tables)
+
+def test_tables_are_the_trace_tables():
+    assert T.PROVIDERS == tuple(p for p in TB.PROVIDERS if p != "compiled")
+    assert [(s.name, s.in_features, s.out_features) for s in T.SHAPES] == [
+        ("8B-q/o", 4096, 4096), ("8B-k/v", 4096, 1024), ("8B-gate/up", 4096, 14336), ("8B-down", 14336, 4096),
+        ("70B-up", 8192, 28672)]
+    assert tuple(T.GPUS) == ("H100-SXM", "H200", "A100-SXM") == TB.PREDICTED_GPUS
+    assert all(T.GPUS[g] is TB.GPUS[g] for g in T.GPUS)
+    for arch, sms in TB.ARCH_SMS.items():  # the compile report plans as the trace does where both know the arch
+        rows = [v for v in T.GPUS.values() if v["arch"] == (arch // 10, arch % 10)]
+        assert all(v["sms"] == sms for v in rows), arch
+
+
+@pytest.mark.parametrize("name, key, predict, bw", [
+    ("NVIDIA H100 80GB HBM3", "H100-SXM", "H100-SXM", 3.35e12),
+    ("NVIDIA H100 PCIe", "H100-PCIe", "H100-SXM", 2.0e12),
+    ("NVIDIA H100 NVL", "H100-NVL", "H100-SXM", 3.9e12),
+    ("NVIDIA H200", "H200", "H200", 4.8e12),
+    ("NVIDIA A100-SXM4-80GB", "A100-SXM", "A100-SXM", 2.039e12),
+    ("NVIDIA A100-SXM4-40GB", "A100-40GB", "A100-SXM", 1.555e12),
+    ("NVIDIA A100 80GB PCIe", "A100-PCIe-80GB", "A100-SXM", 1.935e12),
+    ("NVIDIA L40S", "L40S", "H100-SXM", 0.864e12),
+    ("Some Future GPU", None, "H100-SXM", None),
+])
+def test_gpu_lookup_by_device_name(name, key, predict, bw):
+    assert TB.gpu_key(name) == key
+    assert TB.predict_key(name) == predict
+    assert TB.nominal_bandwidth(name) == bw
+
+
+# ---------------------------------------------------------------------------------------------
+# the package's Triton GEMMs against cuBLAS
+
+@pytest.mark.parametrize("m, n, k, eff", [(2048, 2048, 2048, 0.38), (2560, 2560, 2560, 0.70),
+                                          (2816, 2816, 2816, 0.81), (3072, 3072, 3072, 0.90),
+                                          (8192, 8192, 512, 0.76)])
+def test_gemm_efficiency_at_the_published_points(m, n, k, eff):
+    assert T.triton_gemm_efficiency(2 * m * n * k) == pytest.approx(eff, abs=1e-12)
+
+
+def test_gemm_efficiency_between_and_beyond_the_points():
+    pts = T.TRITON_GEMM_POINTS
+    assert T.triton_gemm_efficiency(1.0) == T.triton_gemm_efficiency(pts[0][0] / 10) == 0.38
+    assert T.triton_gemm_efficiency(pts[-1][0] * 1000) == 0.76
+    for (f0, e0, _), (f1, e1, _) in zip(pts, pts[1:]):
+        mid = math.sqrt(f0 * f1)  # halfway in log(FLOPs): halfway in efficiency
+        assert T.triton_gemm_efficiency(mid) == pytest.approx((e0 + e1) / 2)
+
+
+def test_parity_is_the_bound(rows):
+    for r in rows:
+        assert r["predicted_ms"] >= r["predicted_ms_at_cublas_parity"] > 0
+        if r["provider"].startswith("fused"):
+            assert r["triton_gemm_eff"] != "" and 0 < r["triton_gemm_eff"] <= 1
+            assert r["ratio_floor"] >= r["ratio_floor_at_cublas_parity"]
+            assert r["ratio_peft_lora"] >= r["ratio_peft_lora_at_cublas_parity"]
+        else:  # no Triton GEMM: cuBLAS's rate either way
+            assert r["triton_gemm_eff"] == "" and r["predicted_ms"] == r["predicted_ms_at_cublas_parity"]
+            assert r["ratio_floor"] == r["ratio_floor_at_cublas_parity"]
+    # 256 tokens of a 1024x1024 layer: the fused GEMMs (0.5 GFLOP, efficiency 0.38) are compute-bound
+    fused = _one(rows, "fused", "step")
+    assert fused["triton_gemm_eff"] == pytest.approx(0.38)
+    assert fused["predicted_ms"] > fused["predicted_ms_at_cublas_parity"]
+
+
+@pytest.fixture(scope="module")
+def big():
+    """A compute-bound case (2048 tokens, 2048 -> 2048, bf16) and a memory-bound one (16 tokens)."""
+    s = T.Shape("sq", 2048, 2048)
+    return {n: {p: T.trace_layer(p, s, n) for p in ("fused", "linear")} for n in (16, 2048)}
+
+
+@pytest.mark.parametrize("factor", [0.45, 0.6, 1.1])
+def test_derivation_recovers_a_known_factor(big, factor):
+    """Fake timings: the model itself at a known efficiency and a known cuBLAS rate."""
+    gpu = dict(T.GPUS["H100-SXM"], mm=600e12)  # this "GPU"'s cuBLAS reaches 600 TFLOP/s
+    for mode in ("fwd", "step", "eval"):
+        fused, floor = big[2048]["fused"].mode(mode), big[2048]["linear"].mode(mode)
+        d = T.derive_gemm_efficiency(fused, floor, T.predict_s(fused, gpu, eff=factor),
+                                     T.predict_s(floor, gpu, at_parity=True), T.GPUS["H100-SXM"])
+        assert d["used"], (mode, d)
+        assert d["efficiency"] == pytest.approx(factor, rel=1e-6)
+        assert d["cublas_tflops"] == pytest.approx(600, rel=1e-6)
+        assert 0 < d["rest_ms"] < d["triton_gemm_ms"]
+
+
+def test_derivation_skips_memory_bound_cases(big):
+    gpu = T.GPUS["H100-SXM"]
+    fused, floor = big[16]["fused"].mode("fwd"), big[16]["linear"].mode("fwd")
+    d = T.derive_gemm_efficiency(fused, floor, T.predict_s(fused, gpu, eff=0.6), T.predict_s(floor, gpu), gpu)
+    assert not d["used"] and "compute-bound" in d["why"]
+    d = T.derive_gemm_efficiency(fused, floor, 1e-9, 1e-3, gpu)  # faster than the model's rest allows
+    assert d["efficiency"] is None and d["why"]
+
+
+def test_a_measured_factor_goes_back_into_the_model(big, tmp_path):
+    path = tmp_path / "gemm_efficiency.json"
+    path.write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "constants": "H100-SXM", "efficiency": 0.5}))
+    specs = T.gpu_specs(str(path))
+    assert specs["H100-SXM"]["triton_gemm_eff"] == 0.5
+    assert "triton_gemm_eff" not in specs["H200"] and "triton_gemm_eff" not in T.GPUS["H100-SXM"]
+    fused = big[2048]["fused"].mode("step")
+    assert T.predict_s(fused, specs["H100-SXM"]) == pytest.approx(T.predict_s(fused, T.GPUS["H100-SXM"], eff=0.5))
+    assert T.assumed_efficiency(fused, specs["H100-SXM"]) == pytest.approx(0.5)
+    assert all(v["triton_gemm_eff"] == 0.7 for v in T.gpu_specs("0.7").values())
+    assert "0.500 of cuBLAS" in T.constants_text(specs)
+    with pytest.raises(ValueError):
+        T.gpu_specs("-1")
