@@ -34,7 +34,8 @@ the kernel's ``metadata.shared``, checked against ``heuristics.SHARED_LIMIT``; `
 best tensor-core instruction in the PTX (tcgen05 > wgmma > mma.sync > none).
 
 Writes ``compile_report.csv`` and ``compile_report.md`` into ``--out`` (default
-``bench/results``). Results are cached (``~/.cache/dora_kernels/compile_report``) by kernel
+``./bench_results/compile_report`` under the current directory; the committed report is made
+with ``--out bench/results``). Results are cached (``~/.cache/dora_kernels/compile_report``) by kernel
 source, triton version and compile key, so a re-run recompiles only what changed. Each row
 carries its ``key`` (the same, minus machine paths): ``--reuse bench/results/compile_report.csv``
 takes the committed results for the compiles whose key is listed there (same kernel source,
@@ -669,7 +670,8 @@ def write(rows, out_dir, *, argv=(), elapsed=None, n_jobs=2):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    ap.add_argument("--out", default=None,
+                    help="output folder (default ./bench_results/compile_report under the current directory)")
     ap.add_argument("--arch", default=None,
                     help="comma-separated compute capabilities (default 80,90; e.g. 80,90,100 where this triton "
                          "targets sm_100)")
@@ -695,6 +697,10 @@ def main(argv=None) -> int:
         print("compile_report: ptxas / cuobjdump not found (neither in the triton wheel nor on PATH)", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
+    if args.out is None:
+        from bench.tables import default_out
+
+        args.out = default_out("compile_report")
     t0 = time.perf_counter()
     if args.arch:
         archs = [int(a) for a in args.arch.split(",") if a]

@@ -33,11 +33,10 @@ from .flops import MODES, layer_flops
 from .report import fmt
 from .shapes import GROUPS, MODELS, parse_shapes
 from .shapes import defaults as sweep_defaults
-from .tables import nominal_bandwidth
+from .tables import default_out, nominal_bandwidth
 from .timing import bench, peak_bytes, saved_bytes
 
 ALL_MODES = MODES + ("norm",)
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def _ints(s: str) -> tuple:
@@ -67,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_names, default=ALL_MODES,
                    help=f"comma list of {', '.join(ALL_MODES)} (norm: the weight-norm kernel alone, GB/s)")
     p.add_argument("--providers", type=_names, help=f"comma list of {', '.join(P.PROVIDERS)} (default: all)")
-    p.add_argument("--out", help="output folder (default bench/results/<device>-<date>)")
+    p.add_argument("--out", help="output folder (default ./bench_results/<device>-<date>-<time> under the current "
+                                 "directory)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", action="store_true", help="run only the model-level figure")
     g.add_argument("--no-model", action="store_true", help="skip the model-level figure")
@@ -388,7 +388,7 @@ def _main(args) -> int:
     if device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     stamp = datetime.datetime.now().astimezone()
-    out_dir = args.out or os.path.join(RESULTS, f"{_slug(device)}-{stamp:%Y%m%d-%H%M%S}")
+    out_dir = args.out or default_out(f"{_slug(device)}-{stamp:%Y%m%d-%H%M%S}")
     versions = _versions()
     path = P.fused_path(device)
     run = Runner(args, device)
@@ -426,6 +426,22 @@ def _main(args) -> int:
     run.emit()
 
     layer_modes = tuple(m for m in modes if m in MODES)
+
+    def meta(partial=False):
+        return dict(common, args=vars(args) | {"tokens": list(tokens), "ranks": list(ranks), "modes": list(modes)},
+                    shapes=[s.label for s in shapes], providers=provs, timing=tm, notes=run.notes, partial=partial,
+                    memory="GPU: peak_mem (max_memory_allocated during the step minus before) and saved_mem; "
+                           "CPU: saved_mem only (bytes saved for backward + output, parameters left out)",
+                    flops="fwd 2·N·in·out + 2·N·r·(in+out); bwd 2·N·in·out + 4·N·r·(in+out); step = fwd + bwd; "
+                          "eval = fwd; linear: 2·N·in·out per direction")
+
+    def checkpoint():
+        """The rows so far (``meta.partial`` true): a run stopped from outside keeps what it measured."""
+        rows.write(out_dir, meta(partial=True))
+        with open(os.path.join(out_dir, "table.txt"), "w") as f:
+            f.write("\n".join(run.lines) + "\n")
+
+    os.makedirs(out_dir, exist_ok=True)
     if not args.model:
         for dtype in dtypes:
             a_dtype = torch.float32 if args.adapter_dtype == "fp32" else dtype
@@ -436,8 +452,8 @@ def _main(args) -> int:
                     if layer_modes:
                         for n in tokens:
                             run.run_case(rows, shape, n, r, dtype, a_dtype, provs, layer_modes)
+                            checkpoint()
 
-    os.makedirs(out_dir, exist_ok=True)
     if not args.no_model:
         run.run_model(rows, args.model_preset or d.model_preset, dtypes[0], out_dir)
 
@@ -445,13 +461,7 @@ def _main(args) -> int:
         why = R.plot_ratios(rows.rows, os.path.join(out_dir, "ratios.png")) if rows.rows else "no rows to plot"
         if why:
             run.note(why)
-    meta = dict(common, args=vars(args) | {"tokens": list(tokens), "ranks": list(ranks), "modes": list(modes)},
-                shapes=[s.label for s in shapes], providers=provs, timing=tm, notes=run.notes,
-                memory="GPU: peak_mem (max_memory_allocated during the step minus before) and saved_mem; "
-                       "CPU: saved_mem only (bytes saved for backward + output, parameters left out)",
-                flops="fwd 2·N·in·out + 2·N·r·(in+out); bwd 2·N·in·out + 4·N·r·(in+out); step = fwd + bwd; "
-                      "eval = fwd; linear: 2·N·in·out per direction")
-    csv_path, json_path = rows.write(out_dir, meta)
+    csv_path, json_path = rows.write(out_dir, meta())
     if run.notes:
         run.emit("notes:")
         for n in run.notes:

@@ -1,4 +1,5 @@
-"""The benchmarks' tables, in one place: dtypes, providers and modes, shapes and token counts, GPUs.
+"""The benchmarks' tables, in one place: dtypes, providers and modes, shapes and token counts, GPUs,
+and where results go by default.
 
 The timed benchmark (``bench/run.py``, ``bench/shapes.py``, ``bench/providers.py``), the dry-run
 trace (``bench/trace.py``), the compile report (``bench/compile_report.py``) and the GPU
@@ -7,6 +8,8 @@ declares a dtype, a provider list, a model shape or a GPU figure of its own.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -146,3 +149,25 @@ def nominal_bandwidth(device_name: str) -> float | None:
     """The data-sheet HBM bandwidth (bytes/s) of the device's ``GPUS`` row, or None."""
     key = gpu_key(device_name)
     return GPUS[key]["bw_nominal"] if key is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+# Every tool in bench/ writes where ``--out`` says; without it, under this folder of the current
+# working directory, never next to its own source (which an install puts in site-packages). The
+# committed results under bench/results/ are made by passing ``--out bench/results/...``.
+RESULTS_ROOT = "bench_results"
+_ROOT_GITIGNORE = "# default output of python -m bench and its tools; not committed (--out bench/results/... is)\n*\n"
+
+
+def default_out(name: str) -> str:
+    """``./bench_results/<name>`` (absolute, under the current working directory). The root gets a
+    ``.gitignore`` of ``*`` the first time, so default runs inside a checkout stay out of git."""
+    root = os.path.abspath(RESULTS_ROOT)
+    os.makedirs(root, exist_ok=True)
+    ignore = os.path.join(root, ".gitignore")
+    if not os.path.exists(ignore):
+        with open(ignore, "w") as f:
+            f.write(_ROOT_GITIGNORE)
+    return os.path.join(root, name)

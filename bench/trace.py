@@ -762,7 +762,8 @@ def main(argv=None) -> int:
     argv = [a for a in argv if a != "--trace"]
     ap = argparse.ArgumentParser(prog="python -m bench --trace", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a subset (2 shapes, 4 token counts): well under a minute")
-    ap.add_argument("--out", default=None, help="output folder (default bench/results/trace[_quick])")
+    ap.add_argument("--out", default=None, help="output folder (default ./bench_results/trace[_quick] under the "
+                                                "current directory)")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", default="bf16", choices=sorted(TB.DTYPES))
     ap.add_argument("--adapter-dtype", default=None, choices=sorted(TB.DTYPES),
@@ -783,7 +784,7 @@ def main(argv=None) -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     tokens = tuple(args.tokens) if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
     providers = tuple(dict.fromkeys([FLOOR, "peft_dora", "peft_lora"] + list(args.providers)))
-    out = args.out or os.path.join("bench", "results", "trace_quick" if args.quick else "trace")
+    out = args.out or TB.default_out("trace_quick" if args.quick else "trace")
     print("Dry-run trace (meta tensors; every figure below is a prediction)")
     print(constants_text(specs))
     t0 = time.perf_counter()

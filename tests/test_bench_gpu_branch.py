@@ -9,12 +9,22 @@ numbers), ``do_bench`` times with the wall clock, and the layer and model builde
 ``cuda``, so the rest of the driver runs unchanged. The numbers mean nothing;
 the test shows that the GPU run completes and writes the rows and columns it should. Skipped on
 a machine with a real GPU, where the real run is the test.
+
+The quick acceptance run (``python -m bench.acceptance --quick``) is tested here too, against the
+same stand-in: its parts, caps and commands, and its runner with stand-in commands in place of
+the GPU parts (a part over its cap is stopped with what it started, the run goes on, a part the
+budget cannot hold is skipped, compiles are counted from the Triton cache, the summary is written).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 import types
 
@@ -74,6 +84,13 @@ def _do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, **_):
 def fake_cuda(monkeypatch):
     import triton.testing
 
+    # Imported before torch.cuda says yes: bitsandbytes (which PEFT imports when installed) sets
+    # up its CUDA backend at import, which the stand-in cannot serve.
+    for mod in ("bitsandbytes", "peft"):
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001  (a missing or broken optional package: the tests skip or say so)
+            pass
     c = torch.cuda
     monkeypatch.setattr(c, "is_available", lambda: True)
     monkeypatch.setattr(c, "synchronize", lambda *a, **k: None)
@@ -85,7 +102,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(c, "current_device", lambda: 0)
     monkeypatch.setattr(c, "get_device_properties", lambda *a, **k: types.SimpleNamespace(
         name="NVIDIA H100 80GB HBM3 (stand-in)", memory_clock_rate=2_619_000, memory_bus_width=5120,
-        multi_processor_count=132, total_memory=80 << 30))
+        multi_processor_count=132, total_memory=80 << 30, major=9, minor=0))
     monkeypatch.setattr(c, "Event", _Event)
     monkeypatch.setattr(triton.testing, "do_bench", _do_bench)
     from bench import model as M
@@ -193,3 +210,165 @@ def test_acceptance_derives_the_gemm_efficiency_from_fake_timings(tmp_path, monk
 
     specs = T.gpu_specs(str(tmp_path / "gemm_efficiency.json"))
     assert specs["H100-SXM"]["triton_gemm_eff"] == pytest.approx(0.6, rel=1e-6)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the quick acceptance run
+
+def test_quick_parts_fit_their_budget_and_run_what_they_should():
+    from bench import acceptance as A
+    from bench.run import parser
+    from bench.shapes import parse_shapes
+
+    parts = A.quick_parts("/o", py="PY")
+    assert [p.name for p in parts] == ["selftest", "tests", "bench", "compare"]
+    assert sum(p.cap_s for p in parts) <= A.QUICK_BUDGET_S == 390 < A.QUICK_LIMIT_S == 420
+    assert all(0 < p.need_s <= p.cap_s for p in parts)
+    by = {p.name: p for p in parts}
+
+    assert by["selftest"].command == ("PY", "-m", "dora_kernels.selftest", "--device", "cuda", "--quick", "--only",
+                                      "in100-out72")
+    from dora_kernels import selftest
+
+    cases = [c for c in selftest.cases("cuda", True) if "in100-out72" in c.id]
+    assert 10 <= len(cases) <= 40
+    assert {"fp32", "fp16", "bf16", "bf16+fp32"} <= {c.dtype for c in cases}
+    assert any(c.dropout for c in cases) and any(not c.dropout for c in cases)
+    assert any(c.n % 16 and c.n > 1 for c in cases) and all(c.i % 16 or c.o % 16 for c in cases)  # odd shapes
+
+    t = by["tests"]
+    assert t.command[:4] == ("PY", "-m", "pytest", "-q") and t.cwd == A.ROOT
+    assert "--junitxml=" + os.path.join("/o", "tests.xml") in t.command
+    assert t.command[-len(A.QUICK_TESTS):] == A.QUICK_TESTS
+    assert any(i.startswith("tests/test_ops.py::test_parity[triton-") for i in A.QUICK_TESTS)
+    assert any(i.startswith("tests/test_ops.py::test_parity[torch-") for i in A.QUICK_TESTS)  # the torch path on CUDA
+    assert any(i.startswith("tests/test_fuse.py::test_matches_peft[") for i in A.QUICK_TESTS)
+    assert "tests/test_runtime.py" in A.QUICK_TESTS
+
+    b = by["bench"].command
+    assert b[:3] == ("PY", "-m", "bench")
+    args = parser().parse_args(list(b[3:]))
+    assert (args.device, args.tokens, args.ranks, args.dtypes, args.modes, args.no_model, args.out) == \
+        ("cuda", (4096, 16384), (16,), ("bf16",), ("step", "eval"), True, os.path.join("/o", "bench"))
+    assert args.providers == ("fused", "peft_dora", "peft_lora", "linear") and args.adapter_dtype == "fp32"
+    assert [(s.in_features, s.out_features) for s in parse_shapes(args.shapes)] == \
+        [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # the Llama-3-8B projections
+    assert by["compare"].command == ("PY", "-m", "bench.acceptance", "--part", "compare", "--out", "/o")
+
+
+def _hypothesis_tests(path):
+    """Names of the functions in a test file that hypothesis generates examples for."""
+    names, pending = set(), False
+    with open(path) as f:
+        for line in f:
+            if line.startswith("@given("):
+                pending = True
+            m = re.match(r"def (\w+)\(", line)
+            if m and pending:
+                names.add(m.group(1))
+                pending = False
+    return names
+
+
+def test_quick_test_ids_exist_and_hold_no_hypothesis_examples():
+    from bench import acceptance as A
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *A.QUICK_TESTS], cwd=A.ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    assert len(ids) >= len(A.QUICK_TESTS)
+    files = {i.split("::")[0] for i in A.QUICK_TESTS}
+    generated = set().union(*(_hypothesis_tests(os.path.join(A.ROOT, f)) for f in files))
+    assert generated  # the check sees them (test_ops.py has some)
+    assert not [i for i in ids if i.split("::")[1].split("[")[0] in generated]
+
+
+def _py(code):
+    return (sys.executable, "-c", code)
+
+
+FAKE_COMPILE = ("import os; d = os.path.join(os.environ['TRITON_CACHE_DIR'], 'AB12'); os.makedirs(d); "
+                "open(os.path.join(d, '_fwd_kernel.cubin'), 'w').close(); open(os.path.join(d, '_fwd_kernel.json'), "
+                "'w').close(); print('30/30 checks passed, 0 failed, 3 cases in 0.1 s')")
+# starts a grandchild, records its pid, then hangs: stopping the part must stop both
+HANG = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        "open(sys.argv[1], 'w').write(str(p.pid)); print('started', flush=True); time.sleep(120)")
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _quick(monkeypatch, tmp_path, parts, *extra):
+    from bench import acceptance as A
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(A, "quick_parts", lambda out_dir, py=sys.executable: parts)
+    out = tmp_path / "quick"
+    rc = A.main(["--quick", "--out", str(out), *extra])
+    return rc, out, json.loads((out / "summary.json").read_text())
+
+
+def test_quick_run_stops_a_part_at_its_cap_and_goes_on(fake_cuda, tmp_path, monkeypatch, capsys):
+    from bench.acceptance import Part
+
+    pid_file = tmp_path / "grandchild.pid"
+    (tmp_path / "here").mkdir()
+    parts = [Part("selftest", _py(FAKE_COMPILE), 30, 1, "stand-in"),
+             Part("tests", (*_py(HANG), str(pid_file)), 2, 1, "stand-in that hangs"),
+             Part("bench", _py("import os, sys; print(os.getcwd()); sys.exit(1)"), 30, 1, "stand-in that fails",
+                  cwd=str(tmp_path / "here")),
+             Part("compare", _py("print('compared')"), 30, 1, "stand-in")]
+    t0 = time.perf_counter()
+    rc, out, summary = _quick(monkeypatch, tmp_path, parts)
+    assert time.perf_counter() - t0 < 60
+    assert rc == 1 and summary["ok"] is False and summary["kind"] == "quick"
+    assert summary["gpu"] == "NVIDIA H100 80GB HBM3 (stand-in)" and summary["arch"] == "sm_90"
+    got = {p["name"]: p for p in summary["parts"]}
+    assert [p["name"] for p in summary["parts"]] == ["selftest", "tests", "bench", "compare"]
+    assert [got[n]["status"] for n in got] == ["ok", "timeout", "failed", "ok"]
+    assert [got[n]["compiles"] for n in got] == [1, 0, 0, 0]
+    assert got["selftest"]["compiled_kernels"] == {"_fwd_kernel": 1}
+    assert got["selftest"]["result"] == "30/30 checks passed, 0 failed, 3 cases in 0.1 s"
+    assert got["tests"]["exit"] is None and 2 <= got["tests"]["seconds"] < 30
+    assert got["bench"]["exit"] == 1
+    assert not _alive(int(pid_file.read_text()))  # the part's own children were stopped with it
+    assert "started" in (out / "tests.txt").read_text() and "stopped after 2 s" in (out / "tests.txt").read_text()
+    assert (out / "bench.txt").read_text().strip() == str(tmp_path / "here")
+    assert (out / "compare.txt").read_text().strip() == "compared"
+    record = json.loads((out / "acceptance.json").read_text())
+    assert record["tests"]["status"] == "timeout" and record["selftest"]["compiles"] == 1
+    md = (out / "summary.md").read_text()
+    assert "| tests | timeout | " in md and "| selftest | ok | " in md and "| bench | failed (exit 1) | " in md
+    printed = capsys.readouterr().out
+    assert "1 Triton kernels compiled (_fwd_kernel 1)" in printed and str(out) in printed
+
+
+def test_quick_run_skips_what_its_budget_cannot_hold(fake_cuda, tmp_path, monkeypatch):
+    from bench.acceptance import Part
+
+    parts = [Part("selftest", _py("pass"), 30, 1, "stand-in"),
+             Part("tests", _py("pass"), 30, 100, "needs more than is left"),
+             Part("bench", _py("import time; time.sleep(120)"), 100, 1, "stopped at what is left of the budget"),
+             Part("compare", _py("pass"), 30, 1, "nothing left for it")]
+    rc, out, summary = _quick(monkeypatch, tmp_path, parts, "--budget", "6")
+    got = {p["name"]: p for p in summary["parts"]}
+    assert rc == 1 and [got[n]["status"] for n in got] == ["ok", "skipped", "timeout", "skipped"]
+    assert got["tests"]["result"].startswith("not run:") and got["tests"]["compiles"] is None
+    assert got["bench"]["timeout_s"] < 6
+    assert summary["elapsed_s"] < 6 + 5
+    assert not (out / "tests.txt").exists()
+    assert "| tests | skipped | " in (out / "summary.md").read_text()
+
+
+def test_quick_run_without_a_gpu_runs_nothing(tmp_path):
+    from bench import acceptance as A
+
+    assert A.main(["--quick", "--out", str(tmp_path / "q")]) == A.NO_GPU
+    assert not (tmp_path / "q").exists()
