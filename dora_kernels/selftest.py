@@ -1,4 +1,4 @@
-"""Self-test: the fused op against the reference on the machine at hand.
+"""Self-test: the fused op against a plain-autograd baseline on the machine at hand.
 
     python -m dora_kernels.selftest [--device cuda|cpu] [--backend interpreter|torch] [--quick]
 
@@ -7,13 +7,14 @@ interpreter (``--backend interpreter``, the default there) or the pure-torch pat
 (``--backend torch``). For a handful of odd shapes, in fp32, fp16, bf16 and bf16/fp16 bases
 with fp32 adapters, with and without bias and dropout, and once with the exact norm
 gradient, it checks the output and every gradient (x, A, B, m, and bias where it trains)
-against ``reference.dora_linear`` (PEFT's arithmetic) by the rule the test suite uses
-(``dora_kernels._tolerance``): ``err(op) <= k * err(reference, same dtype) + ulps``, errors
-taken against the reference in float64 on the same inputs. The dropout mask is rebuilt from
-the op's seed (``dropout_mask``) and handed to the reference.
+against ``dora_kernels.naive.dora_linear`` (PEFT's arithmetic in plain autograd, shipped with
+the package so the self-test runs from a wheel) by the rule the test suite uses
+(``dora_kernels._tolerance``): ``err(op) <= k * err(baseline, same dtype) + ulps``, errors
+taken against the baseline in float64 on the same inputs. The dropout mask is rebuilt from
+the op's seed (``dropout_mask``) and handed to the baseline.
 
 Prints one line per check and a summary; exits 1 on any failure, 2 if it cannot run (no
-CUDA for ``--device cuda``, ``reference`` not installed). About 30 s on a GPU (compiling
+CUDA for ``--device cuda``). About 30 s on a GPU (compiling
 included), a few minutes on a CPU through the interpreter, seconds with ``--quick``.
 
 Triton reads ``TRITON_INTERPRET`` when the kernels are defined, i.e. when ``dora_kernels`` is
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _launch
-from ._tolerance import check_close_to_f64
+from . import backend as _backend
+from ._tolerance import check_close_to_f64, term_scales
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRADS = ("x", "lora_A", "lora_B", "magnitude", "bias")
@@ -145,9 +146,8 @@ def _run(fn, t, scaling, **kw):
 
 def check_case(case: Case, device: str, seed: int = 0) -> list:
     """[Verdict] for the output and every gradient of one case."""
-    import reference
-
     import dora_kernels
+    from dora_kernels import naive
 
     v = _values(case, seed)
     op_kw, ref_kw = {}, {}
@@ -159,10 +159,15 @@ def check_case(case: Case, device: str, seed: int = 0) -> list:
         op_kw["norm_grad"] = "exact"
         ref_kw["detach_norm"] = False
     y, g = _run(dora_kernels.dora_linear, _leaves(case, v, device), case.scaling, **op_kw)
-    y_ref, g_ref = _run(reference.dora_linear, _leaves(case, v, device), case.scaling, **ref_kw)
-    y64, g64 = _run(reference.dora_linear, _leaves(case, v, device, torch.float64), case.scaling, **ref_kw)
+    y_ref, g_ref = _run(naive.dora_linear, _leaves(case, v, device), case.scaling, **ref_kw)
+    y64, g64 = _run(naive.dora_linear, _leaves(case, v, device, torch.float64), case.scaling, **ref_kw)
     base, _ = case.dtypes
-    out = [check_close_to_f64(y, y_ref, y64, name="y")]
+    # The ulps are taken of Σ|terms| (a result that cancels carries the rounding of its terms).
+    t64 = {k: (None if t is None else t.double()) for k, t in v.items()}
+    scales = term_scales(t64["x"], t64["weight"], t64["lora_A"], t64["lora_B"], t64["magnitude"], case.scaling,
+                         t64["bias"], t64["G"], keep=ref_kw["dropout_mask"].cpu() if case.dropout else None,
+                         p=P_DROP, exact=case.norm_grad == "exact")
+    out = [check_close_to_f64(y, y_ref, y64, name="y", scale=scales["y"].to(y64.device))]
     # As in tests/test_ops.py: without dropout the backward recovers u from y (stored in x's
     # dtype), so dm (and, with the exact norm gradient, dA and dB) get their ulps in x's dtype.
     via_y = {"magnitude"} | ({"lora_A", "lora_B"} if case.norm_grad == "exact" else set())
@@ -171,7 +176,8 @@ def check_case(case: Case, device: str, seed: int = 0) -> list:
             out.append(_missing(f"d{k}"))
             continue
         ulp_dtype = base if (k in via_y and not case.dropout) else None
-        out.append(check_close_to_f64(g[k], g_ref[k], g64[k], name=f"d{k}", dtype=ulp_dtype))
+        out.append(check_close_to_f64(g[k], g_ref[k], g64[k], name=f"d{k}", dtype=ulp_dtype,
+                                      scale=scales[k].to(g64[k].device)))
     return out
 
 
@@ -185,10 +191,12 @@ def _missing(name):
 # the command
 
 def _backend_name(device: str) -> str:
+    if not _backend.uses_triton(torch.empty(0, device=device)):
+        return "pure torch path"
     if device == "cuda":
         cap = torch.cuda.get_device_capability()
         return f"triton compiled for sm_{cap[0]}{cap[1]} ({torch.cuda.get_device_name()})"
-    return "triton interpreter" if _launch.INTERPRET else "pure torch path"
+    return "triton interpreter"
 
 
 def _rerun(argv, interpret: bool) -> int:
@@ -201,7 +209,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dora_kernels.selftest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     ap.add_argument("--backend", choices=("interpreter", "torch"), default="interpreter",
-                    help="on a CPU: the Triton kernels through the interpreter, or the pure-torch path")
+                    help="the Triton kernels (through the interpreter on a CPU), or the pure-torch path")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (a CPU run in seconds)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="run only the cases whose id contains this text")
@@ -212,28 +220,18 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("selftest: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if device == "cuda" and _launch.INTERPRET:
+    if device == "cuda" and _backend.INTERPRET:
         if os.environ.get(_CHILD):
             print("selftest: TRITON_INTERPRET=1 is set; unset it to test the compiled kernels", file=sys.stderr)
             return 2
         return _rerun(argv, interpret=False)
-    if device == "cpu" and args.backend == "interpreter" and not _launch.INTERPRET:
+    if device == "cpu" and args.backend == "interpreter" and not _backend.INTERPRET:
         if os.environ.get(_CHILD):
             print("selftest: could not turn the interpreter on", file=sys.stderr)
             return 2
         return _rerun(argv, interpret=True)
-    try:
-        import reference  # noqa: F401
-    except ImportError:
-        print("selftest: the `reference` package is not installed (pip install the repository)", file=sys.stderr)
-        return 2
-    prev = _launch.INTERPRET
-    if device == "cpu" and args.backend == "torch":
-        _launch.INTERPRET = False  # launchers read it at call time: the pure-torch path
-    try:
+    with _backend.use_backend("torch" if args.backend == "torch" else "auto"):
         return _run_cases(args, device)
-    finally:
-        _launch.INTERPRET = prev
 
 
 def _run_cases(args, device) -> int:
@@ -245,7 +243,7 @@ def _run_cases(args, device) -> int:
         return 2
     print(f"dora_kernels {dora_kernels.__version__} self-test on {device}: {_backend_name(device)}; "
           f"torch {torch.__version__}" + (f", triton {_triton_version()}" if _triton_version() else ""))
-    print(f"{len(cs)} cases; rule: err(op) <= 3 * err(reference, same dtype) + 2 ulps, errors vs float64")
+    print(f"{len(cs)} cases; rule: err(op) <= 3 * err(baseline, same dtype) + 2 ulps, errors vs float64")
     print(f"{'case':42s} {'check':11s} {'err':>10s} {'bound':>10s}  result")
     t0 = time.perf_counter()
     failed = checks = 0

@@ -29,7 +29,9 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
     rows = max(1, (1 << 22) // max(K, 1))
     for i in range(0, M, rows):
         w = weight[i:i + rows].float()
-        v = torch.addmm(w, B32[i:i + rows], A32, alpha=scaling)
+        # W0 + s·(B·A), not addmm(W0, B, A): a BLAS that accumulates the rank terms into W0 (MKL on
+        # some AMD CPUs) rounds each at W0's magnitude, ulps off the norm.
+        v = (B32[i:i + rows] @ A32).mul_(scaling).add_(w)
         norm[i:i + rows] = torch.linalg.vector_norm(v, dim=1)
         if with_wa:
             wa[i:i + rows] = w @ A32.T

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import hypothesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,10 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dora_kernels
 import reference
-from dora_kernels import _launch, ops
-from tolerance import assert_close_to_f64
-
-from conftest import DEVICE
+from dora_kernels import ops
+from dora_kernels.testing import DEVICE
+from tolerance import assert_close_to_f64, peft_term_scales
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -106,9 +106,14 @@ def run(model, x, grad_out):
     return y.detach(), x.grad, grads
 
 
-def assert_matches_peft(fused, ref, ref64, x, *, k=3.0, ulp_dtypes=None):
+def assert_matches_peft(fused, ref, ref64, x, *, k=3.0, ulp_dtypes=None, layer=None, reject_broken_reference=False):
     """fused vs unfused PEFT (same dtypes) vs unfused PEFT in float64: output, dx, grads.
-    ``ulp_dtypes``: parameter name -> the dtype whose ulps its gradient may carry (else its own)."""
+    ``ulp_dtypes``: parameter name -> the dtype whose ulps its gradient may carry (else its own).
+    ``layer``: the name of the model's one DoRA layer when it maps the model's input straight to
+    its output; the ulps are then taken of the magnitudes of the terms each result sums.
+    ``reject_broken_reference`` (hypothesis draws): a draw where PEFT's own same-dtype numbers are
+    not finite while float64's are (its 16-bit norm of a row rounds to 0) has no reference error
+    to judge by, and is rejected."""
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         out = ref(x)
@@ -117,16 +122,26 @@ def assert_matches_peft(fused, ref, ref64, x, *, k=3.0, ulp_dtypes=None):
     y, dx, grads = run(fused, x, grad_out)
     y_ref, dx_ref, grads_ref = run(ref, x, grad_out)
     y64, dx64, grads64 = run(ref64, x.double() if x.is_floating_point() else x, grad_out.double())
+    if reject_broken_reference:
+        pairs = [(y_ref, y64), (dx_ref, dx64)] + [(grads_ref[n], grads64[n]) for n in grads_ref]
+        if any(a is not None and not bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) for a, b in pairs):
+            hypothesis.reject()
+    scales = {}
+    if layer is not None:
+        sc = peft_term_scales(ref64.get_submodule(layer), x.double(), grad_out.double())
+        scales = {"output": sc["y"], "dx": sc["x"], f"{layer}.lora_A.default.weight": sc["lora_A"],
+                  f"{layer}.lora_B.default.weight": sc["lora_B"],
+                  f"{layer}.lora_magnitude_vector.default.weight": sc["magnitude"]}
     assert y.dtype == y_ref.dtype
-    assert_close_to_f64(y, y_ref, y64, name="output", k=k)
+    assert_close_to_f64(y, y_ref, y64, name="output", k=k, scale=scales.get("output"))
     if dx_ref is not None:
         assert dx.dtype == dx_ref.dtype
-        assert_close_to_f64(dx, dx_ref, dx64, name="dx", k=k)
+        assert_close_to_f64(dx, dx_ref, dx64, name="dx", k=k, scale=scales.get("dx"))
     assert grads and grads.keys() == grads_ref.keys()
     for name, g in grads.items():
         assert g is not None and g.dtype == grads_ref[name].dtype, name
         assert_close_to_f64(g, grads_ref[name], grads64[name], name=name, k=k,
-                            dtype=(ulp_dtypes or {}).get(name))
+                            dtype=(ulp_dtypes or {}).get(name), scale=scales.get(name))
 
 
 def copies(model):
@@ -159,22 +174,6 @@ def count_fused_calls(monkeypatch):
     return calls
 
 
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    """The device to run on: ``triton`` runs the kernels (compiled on CUDA, interpreted on a
-    CPU); ``torch`` forces the pure-torch path on the CPU."""
-    if request.param == "torch":
-        monkeypatch.setattr(_launch, "INTERPRET", False)
-        return "cpu"
-    return DEVICE
-
-
-def interp_bf16_k(dtype, device):
-    # The interpreter truncates fp32 -> bf16 stores (a GPU rounds): a bias toward zero that a
-    # second layer's magnitude gradient sums over tokens. Allow for it there only.
-    return 3.0
-
-
 # ---------------------------------------------------------------------------------------------
 # parity with PEFT
 
@@ -191,7 +190,7 @@ def test_matches_peft(bias, dtype, dropout, backend, monkeypatch):
     if dropout:
         share_masks(monkeypatch, [(LIN0, (3, 5, IN)), (LIN1, (3, 5, HID))], [ref, ref64], dropout, backend)
     calls = count_fused_calls(monkeypatch)
-    assert_matches_peft(model, ref, ref64, x, k=interp_bf16_k(dtype, backend))
+    assert_matches_peft(model, ref, ref64, x)
     assert len(calls) == 2
 
 
@@ -206,7 +205,7 @@ def test_bf16_adapters_match_peft(backend):
     ref, ref64 = copies(model)
     dora_kernels.fuse(model)
     x = torch.randn(3, 5, IN, dtype=torch.bfloat16, device=backend)
-    assert_matches_peft(model, ref, ref64, x, k=interp_bf16_k(torch.bfloat16, backend))
+    assert_matches_peft(model, ref, ref64, x)
 
 
 def test_eval_mode_ignores_dropout(backend):
@@ -225,7 +224,7 @@ def test_one_fused_call_per_layer():
     x = torch.randn(4, IN, device=DEVICE)
     with torch.no_grad(), OpLog() as log:
         model(x)
-    assert sum("dora_kernels.dora_fwd" in op for op in log.ops) == 2
+    assert sum("dora_kernels.dora_forward" in op for op in log.ops) == 2
     assert not [op for op in log.ops if any(k in op for k in ("mm", "linear", "matmul", "addmm"))], log.ops
 
 
@@ -551,13 +550,13 @@ def test_unservable_layers_left_on_peft_path_and_reported():
     model = get_peft_model(Mixed().to(DEVICE), dora_config(targets=("emb", "conv", "quant", "lin")))
     perturb_magnitudes(model)
     ref = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="left 3 DoRA layer") as w:
+    with pytest.warns(UserWarning, match="left 1 DoRA layer") as w:
         dora_kernels.fuse(model)
     msg = str(w[0].message)
-    assert "base_model.model.emb" in msg and "base_model.model.conv" in msg and "QuantLinear" in msg
+    assert "base_model.model.quant" in msg and "QuantLinear" in msg and "base_model.model.emb" not in msg
     report = dora_kernels.fuse_report(model)
-    assert report.fused == ["base_model.model.lin"]
-    assert set(report.skipped) == {"base_model.model.emb", "base_model.model.conv", "base_model.model.quant"}
+    assert report.fused == ["base_model.model.emb", "base_model.model.conv", "base_model.model.lin"]
+    assert set(report.skipped) == {"base_model.model.quant"}
     ids = torch.randint(0, 20, (2, 3), device=DEVICE)
     img = torch.randn(1, 2, 5, 5, device=DEVICE)
     torch.testing.assert_close(model(ids, img), ref(ids, img), rtol=1e-5, atol=1e-4)
@@ -804,7 +803,7 @@ def check_random_config(backend, monkeypatch, *, dims, r, alpha, rslora, bias, d
     # (as in test_ops.check_parity).
     via_y = {} if dropout and training else {f"{LIN0}.lora_magnitude_vector.default.weight": dtype}
     calls = count_fused_calls(monkeypatch)
-    assert_matches_peft(model, ref, ref64, x, k=interp_bf16_k(dtype, backend), ulp_dtypes=via_y)
+    assert_matches_peft(model, ref, ref64, x, ulp_dtypes=via_y, layer=LIN0, reject_broken_reference=True)
     assert len(calls) == 1
 
 
@@ -823,9 +822,9 @@ _settings = dict(deadline=None, derandomize=True, database=None, phases=[Phase.e
 @settings(max_examples=200, **_settings)
 @given(**_config)
 def test_random_configs_match_peft_torch_path(monkeypatch, **kw):
-    """The torch path (CPU without the interpreter) on 200 random PEFT DoRA configurations."""
-    monkeypatch.setattr(_launch, "INTERPRET", False)
-    check_random_config("cpu", monkeypatch, **kw)
+    """The torch path on 200 random PEFT DoRA configurations."""
+    with dora_kernels.use_backend("torch"):
+        check_random_config(DEVICE, monkeypatch, **kw)
 
 
 @settings(max_examples=40, **_settings)
