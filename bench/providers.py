@@ -177,6 +177,35 @@ def _fused_peft(t: Tensors) -> nn.Module:
     return layer
 
 
+class _DVoRA(nn.Module):
+    """One DVoRA layer on the fused op (``dora_kernels.dvora_linear``): frozen W0, A = ``t.lora_A``
+    (the shared projection's slice), B (out, r); trainable λ_d (r,), λ_b (out,), m (out,)."""
+
+    def __init__(self, t: Tensors):
+        super().__init__()
+        self.weight = _frozen(t.weight)
+        self.bias = None if t.bias is None else _frozen(t.bias)
+        self.register_buffer("vera_A", t.lora_A.detach())
+        self.register_buffer("vera_B", t.lora_B.detach())
+        self.lambda_d = _trainable(torch.full((t.r,), 0.1, dtype=t.lora_A.dtype, device=t.lora_A.device))
+        self.lambda_b = _trainable(torch.ones(t.weight.shape[0], dtype=t.lora_A.dtype, device=t.lora_A.device))
+        self.magnitude = _trainable(t.magnitude)
+        self.dropout = t.dropout
+        self.dk = _require("dora_kernels", "dora_kernels does not import")
+
+    def forward(self, x):
+        return self.dk.dvora_linear(x, self.weight, self.vera_A, self.vera_B, self.lambda_d, self.lambda_b,
+                                    self.magnitude, self.bias, dropout_p=self.dropout, training=self.training)
+
+
+def _peft_vera(t: Tensors) -> nn.Module:
+    peft = _require("peft", "peft is not installed")
+    cfg = peft.VeraConfig(r=t.r, target_modules=["proj"], vera_dropout=t.dropout, save_projection=False)
+    same = t.lora_A.dtype == t.weight.dtype
+    model = peft.get_peft_model(_One(t.weight, t.bias), cfg, autocast_adapter_dtype=not same)
+    return model.base_model.model.proj
+
+
 def _linear(t: Tensors) -> nn.Module:
     out_f, in_f = t.weight.shape
     layer = nn.Linear(in_f, out_f, bias=t.bias is not None, device="meta", dtype=t.weight.dtype)
@@ -194,6 +223,8 @@ _BUILDERS = {
     "peft_dora": lambda t: _peft(t, dora=True),
     "peft_lora": lambda t: _peft(t, dora=False),
     "linear": _linear,
+    "fused_dvora": _DVoRA,
+    "peft_vera": _peft_vera,
 }
 
 
@@ -209,7 +240,8 @@ def trainable(module: nn.Module) -> list:
 def check_installed(provider: str) -> str | None:
     """Why ``provider`` cannot run in this environment (a missing package), or None."""
     needs = {"fused": ["dora_kernels"], "fused_peft": ["dora_kernels", "peft"], "reference": ["reference"],
-             "compiled": ["reference"], "peft_dora": ["peft"], "peft_lora": ["peft"], "linear": []}[provider]
+             "compiled": ["reference"], "peft_dora": ["peft"], "peft_lora": ["peft"], "linear": [],
+             "fused_dvora": ["dora_kernels"], "peft_vera": ["peft"]}[provider]
     for mod in needs:
         try:
             importlib.import_module(mod)

@@ -42,10 +42,13 @@ def short_dtype(dtype: torch.dtype) -> str:
 # providers and modes (bench/providers.py builds them; bench/README.md says what each runs)
 
 PROVIDERS = ("fused", "fused_peft", "reference", "compiled", "peft_dora", "peft_lora", "linear")
+# DVoRA (DoRA over VeRA) on the fused op and PEFT's VeRA: asked for by name (``--providers``)
+DVORA_PROVIDERS = ("fused_dvora", "peft_vera")
 FLOOR = "linear"  # a frozen nn.Linear: forward and input gradient, the floor no DoRA layer can beat
 RATIO_PROVIDERS = ("fused", "fused_peft")  # the providers whose ratios to the floor and the peers are reported
 # the dry-run trace runs every provider but torch.compile (which does not run on meta tensors)
 TRACE_PROVIDERS = tuple(p for p in PROVIDERS if p != "compiled")
+ALL_PROVIDERS = PROVIDERS + DVORA_PROVIDERS
 MODES = ("fwd", "bwd", "step", "eval")
 
 

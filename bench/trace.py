@@ -275,6 +275,7 @@ class LayerTrace:
     bwd: Count
     eval: Count
     saved: int
+    trainable: int = 0  # trainable parameters of the layer
 
     def mode(self, m: str) -> Count:
         return {"fwd": self.fwd, "bwd": self.bwd, "step": self.fwd.add(self.bwd), "eval": self.eval}[m]
@@ -298,7 +299,7 @@ def trace_layer(provider: str, shape: Shape, tokens: int, *, r=16, dtype="bf16",
         with torch.no_grad():
             layer(t.x)  # warm: eval caches (the fused module's norm) are filled once
             _, ev = count(lambda: layer(t.x))
-    return LayerTrace(fwd, bwd, ev, saved)
+    return LayerTrace(fwd, bwd, ev, saved, sum(p.numel() for p in P.trainable(layer)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +476,8 @@ def constants(gpus=None) -> dict:
 
 COLUMNS = ["provider", "mode", "layer", "tokens", "in_features", "out_features", "r", "dtype", "adapter_dtype",
            "bias", "dropout", "launches", "triton_launches", "aten_launches", "mm_flops", "other_flops", "flops",
-           "hbm_bytes", "saved_bytes", "gpu", "predicted_ms", "ratio_floor", "ratio_peft_dora", "ratio_peft_lora",
+           "hbm_bytes", "saved_bytes", "trainable_params", "gpu", "predicted_ms", "ratio_floor", "ratio_peft_dora",
+           "ratio_peft_lora",
            "triton_gemm_eff", "predicted_ms_at_cublas_parity", "ratio_floor_at_cublas_parity",
            "ratio_peft_dora_at_cublas_parity", "ratio_peft_lora_at_cublas_parity", "kind"]
 PARITY = "_at_cublas_parity"  # the suffix of the columns that run the Triton GEMMs at cuBLAS's rate
@@ -534,7 +536,8 @@ def run(shapes, tokens, *, r=16, dtype="bf16", adapter_dtype=None, bias=False, d
                             "triton_launches": sum(e.source == "triton" for e in c.events),
                             "aten_launches": sum(e.source == "aten" for e in c.events),
                             "mm_flops": c.mm_flops, "other_flops": c.other_flops, "flops": c.mm_flops + c.other_flops,
-                            "hbm_bytes": c.bytes, "saved_bytes": 0 if mode == "eval" else tr.saved, "gpu": g,
+                            "hbm_bytes": c.bytes, "saved_bytes": 0 if mode == "eval" else tr.saved,
+                            "trainable_params": tr.trainable, "gpu": g,
                             "predicted_ms": round(ms, 5), "ratio_floor": ratio(FLOOR), "ratio_peft_dora": ratio("peft_dora"),
                             "ratio_peft_lora": ratio("peft_lora"),
                             "triton_gemm_eff": "" if eff is None else round(eff, 4),
@@ -712,6 +715,45 @@ def plot(rows, path, gpu="H100-SXM") -> bool:
     return True
 
 
+DVORA_R = 256  # the issue's DVoRA rank, against fused DoRA at r = 16
+DVORA_LIMIT = 1.25
+
+
+def dvora_targets(rows_dvora, rows_dora16, *, gpu="H100-SXM", tokens=4096) -> list:
+    """(layer, fused DVoRA step ms at its r, fused DoRA step ms at r = 16, ratio, ok) for the
+    Llama-3-8B projections: the DVoRA target is a step within ``DVORA_LIMIT`` of DoRA's."""
+    out = []
+    for r in rows_dvora:
+        if (r["provider"], r["mode"], r["gpu"], r["tokens"]) != ("fused_dvora", "step", gpu, tokens) \
+                or not r["layer"].startswith("8B"):
+            continue
+        (d,) = _find(rows_dora16, provider="fused", mode="step", gpu=gpu, tokens=tokens, layer=r["layer"])
+        ratio = r["predicted_ms"] / d["predicted_ms"]
+        parity = r["predicted_ms" + PARITY] / d["predicted_ms" + PARITY]
+        out.append((r["layer"], r["predicted_ms"], d["predicted_ms"], round(ratio, 3), ratio <= DVORA_LIMIT,
+                    round(parity, 3)))
+    return out
+
+
+def dvora_text(rows_dvora, rows_dora16) -> str:
+    lines = [f"DVoRA step at r = {rows_dvora[0]['r']} against the fused DoRA step at r = 16 (H100, 4096 tokens; "
+             f"target <= {DVORA_LIMIT}x; the Triton GEMM efficiency of the trace, and the ratio at cuBLAS parity):", "",
+             "| layer | fused DVoRA ms | fused DoRA r=16 ms | ratio | target | ratio at cuBLAS parity |",
+             "|---|---:|---:|---:|---|---:|"]
+    for layer, a, b, ratio, ok, parity in dvora_targets(rows_dvora, rows_dora16):
+        lines.append(f"| {layer} | {a:.4f} | {b:.4f} | {ratio} | {'met' if ok else 'MISSED'} | {parity} |")
+    trainable = {(r["provider"], r["layer"]): r["trainable_params"] for r in rows_dvora
+                 if r["mode"] == "step" and r["gpu"] == "H100-SXM"}
+    lines += ["", "Trainable parameters per layer:", "", "| layer | " + " | ".join(
+        ["fused_dvora", "peft_vera", f"fused (DoRA r={rows_dvora[0]['r']})", "fused (DoRA r=16)"]) + " |",
+        "|---|---:|---:|---:|---:|"]
+    for layer in dict.fromkeys(r["layer"] for r in rows_dvora):
+        lines.append(f"| {layer} | {trainable.get(('fused_dvora', layer), '-')} | "
+                     f"{trainable.get(('peft_vera', layer), '-')} | {trainable.get(('fused', layer), '-')} | "
+                     f"{next((r['trainable_params'] for r in rows_dora16 if r['layer'] == layer and r['provider'] == 'fused'), '-')} |")
+    return "\n".join(lines)
+
+
 def write(rows, out_dir, *, argv=(), elapsed=None, gpus=None):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "trace.csv"), "w", newline="") as f:
@@ -771,7 +813,10 @@ def main(argv=None) -> int:
     ap.add_argument("--bias", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
-    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS + TB.DVORA_PROVIDERS)
+    ap.add_argument("--dvora", action="store_true",
+                    help=f"DVoRA rows: fused DVoRA, PEFT VeRA and fused DoRA at --r (default {DVORA_R}), fused DoRA at "
+                         "r = 16, the Llama-3-8B projections at 4096 tokens, and the DVoRA target")
     ap.add_argument("--gemm-efficiency", default=None, metavar="X|JSON",
                     help="the package's Triton GEMMs at this fraction of cuBLAS on every GPU, or the "
                          "gemm_efficiency.json of an acceptance run (its GPU at the measured factor); default: the "
@@ -783,6 +828,8 @@ def main(argv=None) -> int:
         ap.error(f"--gemm-efficiency: {e}")
     shapes = QUICK_SHAPES if args.quick else SHAPES
     tokens = tuple(args.tokens) if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
+    if args.dvora:
+        return _main_dvora(args, argv, specs, shapes)
     providers = tuple(dict.fromkeys([FLOOR, "peft_dora", "peft_lora"] + list(args.providers)))
     out = args.out or TB.default_out("trace_quick" if args.quick else "trace")
     print("Dry-run trace (meta tensors; every figure below is a prediction)")
@@ -801,6 +848,32 @@ def main(argv=None) -> int:
     print(f"\nwrote {out}/trace.csv, trace.md, trace_constants.json" + (", trace.png" if plotted else
                                                                          " (no plot: matplotlib missing)"))
     print(f"traced in {elapsed:.1f} s")
+    return 0
+
+
+def _main_dvora(args, argv, specs, shapes) -> int:
+    r = args.r if "--r" in argv else DVORA_R
+    out = args.out or TB.default_out("trace_dvora")
+    t0 = time.perf_counter()
+    common = dict(dtype=args.dtype, adapter_dtype=args.adapter_dtype, bias=args.bias, dropout=args.dropout,
+                  gpus=specs)
+    rows = run(shapes, (4096,), r=r, providers=(FLOOR, "fused", "fused_dvora", "peft_vera"), **common)
+    rows16 = run(shapes, (4096,), r=16, providers=(FLOOR, "fused"), **common)
+    elapsed = time.perf_counter() - t0
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "trace.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows + rows16)
+    text = dvora_text(rows, rows16)
+    md = ["# Dry-run trace: DVoRA (predictions, not measurements)", "",
+          f"Command: `python -m bench --trace {' '.join(argv)}` ({elapsed:.1f} s); torch {torch.__version__}; "
+          "counted on meta tensors (see `bench/trace.py`).", "", "Constants:", "", "```", constants_text(specs), "```",
+          "", text, "", table(rows + rows16, mode="step"), ""]
+    with open(os.path.join(out, "trace.md"), "w") as f:
+        f.write("\n".join(md))
+    print(text)
+    print(f"\nwrote {out}/trace.csv, trace.md")
     return 0
 
 

@@ -252,3 +252,26 @@ def test_a_measured_factor_goes_back_into_the_model(big, tmp_path):
     assert "0.500 of cuBLAS" in T.constants_text(specs)
     with pytest.raises(ValueError):
         T.gpu_specs("-1")
+
+
+def test_dvora_rows_trace_the_fused_op_and_count_trainables():
+    """fused DVoRA runs the fused kernels with a frozen A (no dA partials) and trains r + 2·out."""
+    pytest.importorskip("peft")
+    from bench import trace as T
+    from bench.shapes import Shape
+
+    shape = Shape("t", 96, 80)
+    tr = T.trace_layer("fused_dvora", shape, 64, r=256)
+    names = [e.name for e in tr.mode("step").events if e.source == "triton"]
+    assert names.count("_dx_kernel") == 1 and "_fwd_kernel" in names
+    assert tr.trainable == 256 + 2 * 80
+    assert T.trace_layer("fused", shape, 64, r=16).trainable == 16 * (96 + 80) + 80
+    assert T.trace_layer("peft_vera", shape, 64, r=256).trainable == 256 + 80
+    rows = T.run([shape], (4096,), r=256, providers=("linear", "fused", "fused_dvora"), gpus=("H100-SXM",))
+    rows16 = T.run([shape], (4096,), r=16, providers=("linear", "fused"), gpus=("H100-SXM",))
+    for r in rows + rows16:
+        r["layer"] = "8B-" + r["layer"]
+    (got,) = T.dvora_targets(rows, rows16)
+    a = next(r for r in rows if r["provider"] == "fused_dvora" and r["mode"] == "step")["predicted_ms"]
+    b = next(r for r in rows16 if r["provider"] == "fused" and r["mode"] == "step")["predicted_ms"]
+    assert got[1:4] == (a, b, round(a / b, 3)) and got[4] == (a / b <= T.DVORA_LIMIT)
