@@ -67,6 +67,11 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
     With ``with_wa`` also returns ``W0·Aᵀ`` (M, R) fp32 (the exact norm gradient needs it),
     else None.
     """
+    if not isinstance(weight, torch.Tensor):
+        from . import quant
+
+        if isinstance(weight, quant.QuantWeight):
+            return quant.weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
     return _call("weight_norm", weight, weight, lora_A, lora_B, scaling, with_wa=with_wa)
 
 
@@ -306,7 +311,8 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
                 norm_grad="detached", dropout_seed=None, weight_norm=None, save_output=True):
     """Fused DoRA linear, differentiable in x, lora_A, lora_B, magnitude (and bias).
 
-    x: (..., in); weight: (out, in), any strided view (not copied); bias: (out,) or None;
+    x: (..., in); weight: (out, in), any strided view (not copied), or a ``quant.QuantWeight``
+    (a bitsandbytes 4-bit / int8 W0, dequantised where it is read: QDoRA); bias: (out,) or None;
     lora_A: (r, in); lora_B: (out, r); magnitude: (out,); scaling: float. Returns (..., out)
     in x's dtype::
 
@@ -325,6 +331,13 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
     instead. With a bias u is always saved (y − bias would lose u's low bits where the bias
     dominates y).
     """
+    if not isinstance(weight, torch.Tensor):
+        from . import quant  # a quantised W0 (quant.QuantWeight): the same op, W0 dequantised where it is read
+
+        if isinstance(weight, quant.QuantWeight):
+            return quant.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p=dropout_p,
+                                     training=training, norm_grad=norm_grad, dropout_seed=dropout_seed,
+                                     weight_norm=weight_norm, save_output=save_output)
     if not isinstance(save_output, bool):
         raise TypeError(f"dora_linear: save_output must be a bool, got {type(save_output).__name__}")
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
