@@ -25,7 +25,6 @@ was not on at import, the self-test runs itself again in a child process with it
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -35,44 +34,29 @@ from dataclasses import dataclass
 import torch
 
 from . import backend as _backend
-from ._tolerance import check_close_to_f64, term_scales
+from .testing import Case, shrink_some_magnitudes
+from .testing import check_case as check_shared
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-GRADS = ("x", "lora_A", "lora_B", "magnitude", "bias")
-P_DROP = 0.3
 _CHILD = "DORA_KERNELS_SELFTEST_CHILD"
 
 
 @dataclass(frozen=True)
-class Case:
-    n: int  # tokens
-    i: int  # in features
-    o: int  # out features
-    r: int
-    dtype: str  # "bf16" or "bf16+fp32" (base, then the adapters' dtype if wider)
-    bias: str = "none"  # none | frozen | grad
-    dropout: bool = False
+class SelfCase:
+    """One self-test case: a ``testing.Case``, the norm gradient, and whether a few rows get
+    |m| ≪ n or m = 0 (the backward makes u again there)."""
+
+    case: Case
     norm_grad: str = "detached"
-    scaling: float = 2.0
-    small_m: bool = False  # |m| ≪ n on a few rows, m = 0 on some (the backward makes u again there)
+    small_m: bool = False
 
     @property
     def id(self):
-        s = f"N{self.n}-in{self.i}-out{self.o}-r{self.r}-{self.dtype}"
-        if self.bias != "none":
-            s += f"-bias_{self.bias}"
-        if self.dropout:
-            s += "-drop"
+        s = self.case.id
         if self.norm_grad != "detached":
             s += f"-{self.norm_grad}"
         if self.small_m:
             s += "-small_m"
         return s
-
-    @property
-    def dtypes(self):
-        base, _, adapter = self.dtype.partition("+")
-        return DTYPES[base], DTYPES[adapter or base]
 
 
 DTYPE_SET = ("fp32", "fp16", "bf16", "bf16+fp32", "fp16+fp32")
@@ -90,101 +74,23 @@ def cases(device: str, quick: bool) -> list:
     else:
         shapes = SHAPES_CPU_QUICK if quick else SHAPES_CPU
     out = []
-    for j, shape in enumerate(shapes):
+    for j, (n, i, o, r) in enumerate(shapes):
         for d in DTYPE_SET:
-            out.append(Case(*shape, d))
-            out.append(Case(*shape, d, bias="grad" if j % 2 else "frozen", dropout=True))
+            out.append(SelfCase(Case((n,), i, o, r, d)))
+            out.append(SelfCase(Case((n,), i, o, r, d, bias="grad" if j % 2 else "frozen", drop="train")))
             if j == 0:
-                out.append(Case(*shape, d, bias="frozen", norm_grad="exact"))
-                out.append(Case(*shape, d, small_m=True))
+                out.append(SelfCase(Case((n,), i, o, r, d, bias="frozen"), norm_grad="exact"))
+                out.append(SelfCase(Case((n,), i, o, r, d), small_m=True))
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# one case
+def check_case(case: SelfCase, device: str, seed: int = 0) -> list:
+    """[Verdict] for the output and every gradient of one case (``testing.check_case`` with the
+    package's own baseline, ``naive.dora_linear``, as the oracle)."""
+    from . import naive
 
-def _values(case: Case, seed: int) -> dict:
-    """Inputs on the CPU, already rounded to their dtypes (the float64 copies are the same
-    numbers). B is never zero and m is not ‖V‖, so every term of the op counts."""
-    gen = torch.Generator().manual_seed(seed)
-    i, o, r, s = case.i, case.o, case.r, case.scaling
-    base, adapter = case.dtypes
-    x = torch.randn(case.n, i, generator=gen)
-    w = torch.randn(o, i, generator=gen) / math.sqrt(i)
-    A = torch.randn(r, i, generator=gen) / math.sqrt(i)
-    B = torch.randn(o, r, generator=gen) * 0.1
-    norm = torch.linalg.vector_norm(w.double() + s * B.double() @ A.double(), dim=1)
-    m = norm * (0.5 + torch.rand(o, generator=gen, dtype=torch.float64))
-    bias = torch.randn(o, generator=gen) * 0.1
-    if case.small_m:
-        m[::7] = 0
-        m[3::7] *= -0.05
-    G = torch.randn(case.n, o, generator=gen)
-    return {"x": x.to(base), "weight": w.to(base), "lora_A": A.to(adapter), "lora_B": B.to(adapter),
-            "magnitude": m.to(adapter), "bias": bias.to(base) if case.bias != "none" else None, "G": G.to(base)}
-
-
-def _leaves(case, v, device, dtype=None):
-    out = {}
-    for k, t in v.items():
-        if t is None:
-            out[k] = None
-            continue
-        t = t.to(device)
-        if dtype is not None:
-            t = t.to(dtype)
-        grad = k in ("x", "lora_A", "lora_B", "magnitude") or (k == "bias" and case.bias == "grad")
-        out[k] = t.detach().requires_grad_(grad) if k != "G" else t
-    return out
-
-
-def _run(fn, t, scaling, **kw):
-    y = fn(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], scaling, t["bias"], **kw)
-    y.backward(t["G"].to(y.dtype))
-    return y.detach(), {k: t[k].grad for k in GRADS if t[k] is not None and t[k].requires_grad}
-
-
-def check_case(case: Case, device: str, seed: int = 0) -> list:
-    """[Verdict] for the output and every gradient of one case."""
-    import dora_kernels
-    from dora_kernels import naive
-
-    v = _values(case, seed)
-    op_kw, ref_kw = {}, {}
-    if case.dropout:
-        op_kw = {"dropout_p": P_DROP, "training": True, "dropout_seed": 1000 + seed}
-        mask = dora_kernels.dropout_mask(1000 + seed, v["x"].shape, P_DROP, device)
-        ref_kw = {"dropout_p": P_DROP, "training": True, "dropout_mask": mask}
-    if case.norm_grad == "exact":
-        op_kw["norm_grad"] = "exact"
-        ref_kw["detach_norm"] = False
-    y, g = _run(dora_kernels.dora_linear, _leaves(case, v, device), case.scaling, **op_kw)
-    y_ref, g_ref = _run(naive.dora_linear, _leaves(case, v, device), case.scaling, **ref_kw)
-    y64, g64 = _run(naive.dora_linear, _leaves(case, v, device, torch.float64), case.scaling, **ref_kw)
-    base, _ = case.dtypes
-    # The ulps are taken of Σ|terms| (a result that cancels carries the rounding of its terms).
-    t64 = {k: (None if t is None else t.double()) for k, t in v.items()}
-    scales = term_scales(t64["x"], t64["weight"], t64["lora_A"], t64["lora_B"], t64["magnitude"], case.scaling,
-                         t64["bias"], t64["G"], keep=ref_kw["dropout_mask"].cpu() if case.dropout else None,
-                         p=P_DROP, exact=case.norm_grad == "exact")
-    out = [check_close_to_f64(y, y_ref, y64, name="y", scale=scales["y"].to(y64.device))]
-    # As in tests/test_ops.py: without dropout the backward recovers u from y (stored in x's
-    # dtype), so dm (and, with the exact norm gradient, dA and dB) get their ulps in x's dtype.
-    via_y = {"magnitude"} | ({"lora_A", "lora_B"} if case.norm_grad == "exact" else set())
-    for k in g_ref:
-        if k not in g or g[k] is None:
-            out.append(_missing(f"d{k}"))
-            continue
-        ulp_dtype = base if (k in via_y and not case.dropout) else None
-        out.append(check_close_to_f64(g[k], g_ref[k], g64[k], name=f"d{k}", dtype=ulp_dtype,
-                                      scale=scales[k].to(g64[k].device)))
-    return out
-
-
-def _missing(name):
-    from ._tolerance import Verdict
-
-    return Verdict(name, False, float("nan"), float("nan"), float("nan"), f"{name}: no gradient")
+    return check_shared(case.case, device, seed, oracle=naive.dora_linear, norm_grad=case.norm_grad,
+                        edit=shrink_some_magnitudes if case.small_m else None)[3]
 
 
 # ---------------------------------------------------------------------------------------------

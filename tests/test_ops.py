@@ -9,7 +9,6 @@ rule of ``tolerance.assert_close_to_f64``. Each case runs on both backends: the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,11 +18,10 @@ from hypothesis import strategies as st
 import dora_kernels
 import reference
 from dora_kernels import launchers, runtime
-from tolerance import assert_close_to_f64, term_scales
+from dora_kernels.testing import (P_DROP, Case, check_case, drop_kwargs, forward_backward, op_tensors, ref_tensors,
+                                  shrink_some_magnitudes, values, w_layout, zero_some_magnitudes)
+from tolerance import assert_close_to_f64
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-GRAD_NAMES = ("x", "lora_A", "lora_B", "magnitude", "bias")
-P_DROP = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +39,7 @@ def test_backend_fixture_picks_the_path(backend, request, monkeypatch):
 
     monkeypatch.setattr(launchers, "launch", counting)
     case = Case((5,), 12, 7, 3)
-    t = _op_tensors(case, _values(case, 0), backend)
+    t = op_tensors(case, values(case, 0), backend)
     y = dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0)
     y.sum().backward()
     if request.node.callspec.params["backend"] == "triton":
@@ -52,38 +50,6 @@ def test_backend_fixture_picks_the_path(backend, request, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # cases
-
-@dataclass(frozen=True)
-class Case:
-    lead: tuple  # leading dims of x; N is their product
-    i: int  # in features
-    o: int  # out features
-    r: int  # rank
-    dtype: str = "f32"  # "base" or "base+adapter": x/weight/bias dtype, then the adapters' if wider
-    bias: str = "none"  # none | frozen | grad
-    drop: str = "none"  # none | train (p = 0.3, seeded) | eval (p = 0.3, training=False)
-    layout: str = "contig"  # contig | x-rowpad | x-step2 | x-T | w-T | w-rowpad
-    scaling: float = 2.0
-
-    @property
-    def id(self) -> str:
-        lead = f"N{self.lead[0]}" if len(self.lead) == 1 else "B" + "x".join(map(str, self.lead))
-        parts = [lead, f"in{self.i}", f"out{self.o}", f"r{self.r}", self.dtype.replace("+", "-ad")]
-        if self.bias != "none":
-            parts.append(f"bias_{self.bias}")
-        if self.drop != "none":
-            parts.append(f"drop_{self.drop}")
-        if self.layout != "contig":
-            parts.append(self.layout)
-        if self.scaling != 2.0:
-            parts.append(f"s{self.scaling:g}")
-        return "-".join(parts)
-
-    @property
-    def dtypes(self):
-        base, _, adapter = self.dtype.partition("+")
-        return DTYPES[base], DTYPES[adapter or base]
-
 
 CASES = [
     # 1 token and 0 tokens
@@ -125,117 +91,11 @@ CASES = [
 # ---------------------------------------------------------------------------------------------
 # inputs and runs
 
-def _values(case: Case, seed: int) -> dict:
-    """The case's inputs on the CPU, already rounded to their dtypes (so the float64 copies are
-    the very same numbers). B is never zero and m is not ‖V‖, so g ≠ 1 and every term counts."""
-    gen = torch.Generator().manual_seed(seed)
-    i, o, r, s = case.i, case.o, case.r, case.scaling
-    base, adapter = case.dtypes
-    x = torch.randn(*case.lead, i, generator=gen)
-    w = torch.randn(o, i, generator=gen) / math.sqrt(i)
-    A = torch.randn(r, i, generator=gen) / math.sqrt(i)
-    B = torch.randn(o, r, generator=gen) * 0.1
-    norm = torch.linalg.vector_norm(w.double() + s * B.double() @ A.double(), dim=1)
-    m = norm * (0.5 + torch.rand(o, generator=gen, dtype=torch.float64))
-    bias = torch.randn(o, generator=gen) * 0.1
-    G = torch.randn(*case.lead, o, generator=gen)
-    return {"x": x.to(base), "weight": w.to(base), "lora_A": A.to(adapter), "lora_B": B.to(adapter),
-            "magnitude": m.to(adapter), "bias": bias.to(base) if case.bias != "none" else None, "G": G.to(base)}
-
-
-def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
-    return t.detach().requires_grad_(grad)
-
-
-def _x_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """x as the strided view ``layout`` names; the bytes the view skips are NaN."""
-    *lead, i = x.shape
-    if layout == "x-rowpad":  # unit last stride, rows further apart than `in`
-        big = torch.full((*lead, i + 7), float("nan"), dtype=x.dtype, device=x.device)
-        big[..., :i] = x
-        return big[..., :i]
-    if layout == "x-step2":  # every other column of a wider tensor
-        big = torch.full((*lead, 2 * i), float("nan"), dtype=x.dtype, device=x.device)
-        big[..., ::2] = x
-        return big[..., ::2]
-    if layout == "x-T":  # the transpose of a contiguous (in, ...) tensor
-        return x.movedim(-1, 0).contiguous().movedim(0, -1)
-    return x
-
-
-def _w_layout(w: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "w-T":  # GPT-2 Conv1D stores (in, out) and hands the op its transpose
-        return w.T.contiguous().T
-    if layout == "w-rowpad":
-        big = torch.full((w.shape[0], w.shape[1] + 5), float("nan"), dtype=w.dtype, device=w.device)
-        big[:, : w.shape[1]] = w
-        return big[:, : w.shape[1]]
-    return w
-
-
-def _op_tensors(case: Case, v: dict, device) -> dict:
-    t = {k: (None if val is None else val.to(device)) for k, val in v.items()}
-    return {
-        "x": _leaf(_x_layout(t["x"], case.layout), True),
-        "weight": _w_layout(t["weight"], case.layout),
-        "lora_A": _leaf(t["lora_A"], True),
-        "lora_B": _leaf(t["lora_B"], True),
-        "magnitude": _leaf(t["magnitude"], True),
-        "bias": None if t["bias"] is None else _leaf(t["bias"], case.bias == "grad"),
-        "G": t["G"],
-    }
-
-
-def _ref_tensors(case: Case, v: dict, device, dtype=None) -> dict:
-    """Contiguous leaves for the reference, in the case's dtypes or all in ``dtype``."""
-    def cast(t):
-        t = t.to(device)
-        return t.to(dtype) if dtype is not None else t
-
-    out = {k: (None if val is None else cast(val)) for k, val in v.items()}
-    for k in ("x", "lora_A", "lora_B", "magnitude"):
-        out[k] = _leaf(out[k], True)
-    if out["bias"] is not None:
-        out["bias"] = _leaf(out["bias"], case.bias == "grad")
-    return out
-
-
-def _forward_backward(fn, t: dict, scaling: float, **kwargs):
-    y = fn(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], scaling, t["bias"], **kwargs)
-    y.backward(t["G"].to(y.dtype))
-    grads = {k: t[k].grad for k in GRAD_NAMES if t[k] is not None and t[k].requires_grad}
-    return y.detach(), grads
-
-
-def _drop_kwargs(case: Case, seed: int):
-    """(kwargs for the op, kwargs for the reference); with ``train`` the caller adds the mask."""
-    if case.drop == "train":
-        return {"dropout_p": P_DROP, "training": True, "dropout_seed": seed}, {"dropout_p": P_DROP, "training": True}
-    if case.drop == "eval":
-        return {"dropout_p": P_DROP, "training": False}, {"dropout_p": P_DROP, "training": False}
-    return {}, {}
-
-
 def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detached", edit=None, save_output=True):
-    """Run the op, the same-dtype reference and the float64 reference; compare all outputs.
-    ``edit(v)`` changes the inputs in place first."""
-    v = _values(case, seed)
-    if edit is not None:
-        edit(v)
-    op_kw, ref_kw = _drop_kwargs(case, 1000 + seed)
-    if case.drop == "train":
-        ref_kw["dropout_mask"] = dora_kernels.dropout_mask(op_kw["dropout_seed"], v["x"].shape, P_DROP, device)
-    if norm_grad == "exact":
-        op_kw["norm_grad"] = "exact"
-        ref_kw["detach_norm"] = False
-
-    t = _op_tensors(case, v, device)
-    y, grads = _forward_backward(dora_kernels.dora_linear, t, case.scaling, save_output=save_output, **op_kw)
-    y_ref, grads_ref = _forward_backward(reference.dora_linear, _ref_tensors(case, v, device), case.scaling,
-                                         **ref_kw)
-    y64, grads64 = _forward_backward(reference.dora_linear, _ref_tensors(case, v, device, torch.float64),
-                                     case.scaling, **ref_kw)
-
+    """Run the op, the same-dtype reference and the float64 reference (``testing.check_case``);
+    hold the dtypes and every comparison. ``edit(v)`` changes the inputs in place first."""
+    y, grads, grads_ref, verdicts = check_case(case, device, seed, oracle=reference.dora_linear, norm_grad=norm_grad,
+                                               edit=edit, save_output=save_output)
     base, adapter = case.dtypes
     assert y.dtype == base and y.shape == (*case.lead, case.o)
     want_dtype = {"x": base, "bias": base, "lora_A": adapter, "lora_B": adapter, "magnitude": adapter}
@@ -243,26 +103,8 @@ def check_parity(case: Case, device, seed: int = 0, *, norm_grad: str = "detache
     for k, g in grads.items():
         assert g is not None, f"d{k} is None"
         assert g.dtype == want_dtype[k], f"d{k} has dtype {g.dtype}, want {want_dtype[k]}"
-
-    v64 = {k: (None if val is None else val.double()) for k, val in v.items()}
-    keep = ref_kw.get("dropout_mask")
-    scales = term_scales(v64["x"], v64["weight"], v64["lora_A"], v64["lora_B"], v64["magnitude"], case.scaling,
-                         v64["bias"], v64["G"], keep=None if keep is None else keep.cpu(), p=P_DROP,
-                         exact=norm_grad == "exact")
-    assert_close_to_f64(y, y_ref, y64, name="y", scale=scales["y"].to(y64.device))
-    # Without dropout the backward reads u from a tensor stored in x's dtype: the output y (no
-    # bias: u = y/g) or u itself (the memory design: one (N, out) tensor saved). So the gradients
-    # built on u (dm, and with the exact norm gradient dA and dB through c = −m/n² · dm) carry one
-    # rounding of x's dtype per element even when they are fp32 (wider adapters), and under the
-    # interpreter that rounding is a truncation. PEFT's dm carries a rounding of the same size,
-    # but of x·W0ᵀ + bias, not of y or u, so k alone does not bound the ratio on small problems:
-    # those gradients get their few ulps in x's dtype. With dropout ũ is saved in the adapters'
-    # dtype: no allowance there.
-    via_y = {"magnitude"} | ({"lora_A", "lora_B"} if norm_grad == "exact" else set())
-    for k in grads_ref:
-        ulp_dtype = base if (k in via_y and case.drop != "train") else None
-        assert_close_to_f64(grads[k], grads_ref[k], grads64[k], name=f"d{k}", dtype=ulp_dtype,
-                            scale=scales[k].to(grads64[k].device))
+    failed = [v.message for v in verdicts if not v.ok]
+    assert not failed, "\n".join(failed)
     return y, grads
 
 
@@ -302,19 +144,19 @@ def test_strided_bias_and_magnitude(backend):
     """bias and magnitude given as strided views (every other element of a longer tensor, the
     skipped elements NaN) give the results of their contiguous copies."""
     case = Case((9,), 30, 20, 4, "f32", "grad")
-    v = _values(case, 0)
+    v = values(case, 0)
 
     def every_other(t):
         big = torch.full((2 * t.shape[0],), float("nan"), dtype=t.dtype, device=backend)
         big[::2] = t.to(backend)
         return big[::2]
 
-    t = _op_tensors(case, v, backend)
-    t["bias"] = _leaf(every_other(v["bias"]), True)
-    t["magnitude"] = _leaf(every_other(v["magnitude"]), True)
-    y, grads = _forward_backward(dora_kernels.dora_linear, t, case.scaling)
-    y_ref, grads_ref = _forward_backward(reference.dora_linear, _ref_tensors(case, v, backend), case.scaling)
-    y64, grads64 = _forward_backward(reference.dora_linear, _ref_tensors(case, v, backend, torch.float64),
+    t = op_tensors(case, v, backend)
+    t["bias"] = every_other(v["bias"]).detach().requires_grad_(True)
+    t["magnitude"] = every_other(v["magnitude"]).detach().requires_grad_(True)
+    y, grads = forward_backward(dora_kernels.dora_linear, t, case.scaling)
+    y_ref, grads_ref = forward_backward(reference.dora_linear, ref_tensors(case, v, backend), case.scaling)
+    y64, grads64 = forward_backward(reference.dora_linear, ref_tensors(case, v, backend, torch.float64),
                                      case.scaling)
     assert_close_to_f64(y, y_ref, y64, name="y")
     for k in grads_ref:
@@ -361,8 +203,8 @@ def test_exact_and_detached_gradients_differ(backend):
     Case((1,), 70, 40, 80, "bf16+f32", layout="w-rowpad"),
 ]])
 def test_weight_norm(case, backend):
-    v = _values(case, 0)
-    w = _w_layout(v["weight"].to(backend), case.layout)
+    v = values(case, 0)
+    w = w_layout(v["weight"].to(backend), case.layout)
     A, B = v["lora_A"].to(backend), v["lora_B"].to(backend)
     norm, wa = dora_kernels.weight_norm(w, A, B, case.scaling)
     assert wa is None and norm.dtype == torch.float32 and norm.shape == (case.o,)
@@ -382,15 +224,15 @@ def test_zero_norm_row(backend, drop, norm_grad):
     row, everything finite, and the other rows are the layer without that row."""
     case = Case((9,), 20, 7, 3, "f32", "grad", drop)
     j = 4
-    v = _values(case, 0)
+    v = values(case, 0)
     v["weight"][j] = 0
     v["lora_B"][j] = 0
-    op_kw, ref_kw = _drop_kwargs(case, 77)
+    op_kw, ref_kw = drop_kwargs(case, 77)
     op_kw["norm_grad"] = norm_grad
     if drop == "train":
         ref_kw["dropout_mask"] = dora_kernels.dropout_mask(77, v["x"].shape, P_DROP, backend)
-    t = _op_tensors(case, v, backend)
-    y, grads = _forward_backward(dora_kernels.dora_linear, t, case.scaling, **op_kw)
+    t = op_tensors(case, v, backend)
+    y, grads = forward_backward(dora_kernels.dora_linear, t, case.scaling, **op_kw)
 
     assert torch.isfinite(y).all()
     for k, g in grads.items():
@@ -407,8 +249,8 @@ def test_zero_norm_row(backend, drop, norm_grad):
     vr["G"] = v["G"][:, keep]
     if norm_grad == "exact":
         ref_kw["detach_norm"] = False
-    y_ref, g_ref = _forward_backward(reference.dora_linear, _ref_tensors(case, vr, backend), case.scaling, **ref_kw)
-    y64, g64 = _forward_backward(reference.dora_linear, _ref_tensors(case, vr, backend, torch.float64),
+    y_ref, g_ref = forward_backward(reference.dora_linear, ref_tensors(case, vr, backend), case.scaling, **ref_kw)
+    y64, g64 = forward_backward(reference.dora_linear, ref_tensors(case, vr, backend, torch.float64),
                                  case.scaling, **ref_kw)
     assert_close_to_f64(y[:, keep], y_ref, y64, name="y")
     for k in ("x", "lora_A"):
@@ -419,22 +261,6 @@ def test_zero_norm_row(backend, drop, norm_grad):
 
 # ---------------------------------------------------------------------------------------------
 # what the backward reads: the output y (p = 0), or u
-
-def _zero_some_magnitudes(v):
-    m = v["magnitude"].clone()
-    m[[0, 3, -1]] = 0
-    v["magnitude"] = m
-
-
-def _shrink_some_magnitudes(v):
-    """m = 0 on three rows, |m| ≪ n on two more (one negative), and a bias that dominates y."""
-    _zero_some_magnitudes(v)
-    m = v["magnitude"]
-    m[1] *= 1e-6  # y = g·u in fp16 subnormals: needs the row made again too
-    m[4] *= -0.2
-    if v.get("bias") is not None:
-        v["bias"] = v["bias"] * 30
-
 
 @pytest.mark.parametrize("norm_grad", ["detached", "exact"])
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in [
@@ -450,7 +276,7 @@ def test_small_magnitude_rows(case, backend, norm_grad):
     """Rows with |m| ≪ n: the saved output y = g·u carries u there not at all (m = 0) or too
     coarsely, so the backward makes u again for those rows; dm (and the exact norm gradient
     built on it) must match. With a (large) bias the op saves u: the same rows must match too."""
-    y, grads = check_parity(case, backend, norm_grad=norm_grad, edit=_shrink_some_magnitudes)
+    y, grads = check_parity(case, backend, norm_grad=norm_grad, edit=shrink_some_magnitudes)
     assert torch.count_nonzero(grads["magnitude"][[0, 3, -1]]) == 3, "dm of a zero-magnitude row is not made"
 
 
@@ -462,7 +288,7 @@ def test_small_magnitude_rows_past_32_bit_offsets(case, backend, monkeypatch):
     """Where an operand's offsets would pass 31 bits the kernel does not make those rows and the
     launcher makes them with torch (forced here): the same dm."""
     monkeypatch.setattr(launchers, "offsets_fit_int32", lambda t: False)
-    check_parity(case, backend, edit=_shrink_some_magnitudes)
+    check_parity(case, backend, edit=shrink_some_magnitudes)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in [
@@ -472,7 +298,7 @@ def test_small_magnitude_rows_past_32_bit_offsets(case, backend, monkeypatch):
 ]])
 def test_parity_save_output_false(case, backend):
     check_parity(case, backend, save_output=False)
-    check_parity(case, backend, save_output=False, norm_grad="exact", edit=_zero_some_magnitudes)
+    check_parity(case, backend, save_output=False, norm_grad="exact", edit=zero_some_magnitudes)
 
 
 def _saved_during(fn):
@@ -492,9 +318,9 @@ def test_backward_saves_one_tokens_by_out_tensor(backend, drop, bias, save_outpu
     """Without dropout and bias the op keeps its output for the backward and no other (N, out)
     tensor; with dropout, a bias or save_output=False, u (ũ) and not the output."""
     case = Case((11,), 20, 13, 3, "bf16", bias, drop)
-    v = _values(case, 0)
-    t = _op_tensors(case, v, backend)
-    op_kw, _ = _drop_kwargs(case, 5)
+    v = values(case, 0)
+    t = op_tensors(case, v, backend)
+    op_kw, _ = drop_kwargs(case, 5)
     y, packed = _saved_during(lambda: dora_kernels.dora_linear(
         t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0, t["bias"], save_output=save_output,
         **op_kw))
@@ -515,12 +341,12 @@ def test_nan_magnitude_rows(backend):
     """dm = Σ G ⊙ u / n does not depend on m: a NaN magnitude (its output column is NaN) still
     gets PEFT's finite dm, read from y or from u alike, and never an unwritten value."""
     case = Case((9,), 20, 40, 3, "f32", "none")
-    v = _values(case, 0)
+    v = values(case, 0)
     v["magnitude"] = v["magnitude"].clone()
     v["magnitude"][[2, 33]] = float("nan")
     dms = []
     for save_output in (True, False):
-        t = _op_tensors(case, v, backend)
+        t = op_tensors(case, v, backend)
         y = dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0,
                                      save_output=save_output)
         assert torch.isnan(y[:, [2, 33]]).all()
@@ -528,7 +354,7 @@ def test_nan_magnitude_rows(backend):
         dms.append(t["magnitude"].grad)
     assert torch.isfinite(dms[0]).all() and torch.isfinite(dms[1]).all(), dms
     torch.testing.assert_close(dms[0], dms[1])
-    ref = _ref_tensors(case, v, backend)
+    ref = ref_tensors(case, v, backend)
     y_ref = reference.dora_linear(ref["x"], ref["weight"], ref["lora_A"], ref["lora_B"], ref["magnitude"], 2.0)
     y_ref.backward(ref["G"])
     torch.testing.assert_close(dms[0], ref["magnitude"].grad)
@@ -539,11 +365,11 @@ def test_padded_output_gradient(backend, drop):
     """G as a view with padded rows (as torch.cat's backward hands it over), bf16, 37 tokens:
     the same gradients as from its contiguous copy; the skipped bytes (NaN) are never read."""
     case = Case((37,), 33, 40, 3, "bf16", "frozen", drop)
-    v = _values(case, 0)
+    v = values(case, 0)
     got = []
     for padded in (False, True):
-        t = _op_tensors(case, v, backend)
-        op_kw, _ = _drop_kwargs(case, 7)
+        t = op_tensors(case, v, backend)
+        op_kw, _ = drop_kwargs(case, 7)
         y = dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0, t["bias"],
                                      **op_kw)
         G = t["G"]
@@ -560,7 +386,7 @@ def test_padded_output_gradient(backend, drop):
 
 def test_only_the_bias_needs_a_gradient(backend):
     case = Case((6,), 20, 13, 3, "f32", "grad")
-    t = _op_tensors(case, _values(case, 0), backend)
+    t = op_tensors(case, values(case, 0), backend)
     for k in ("x", "lora_A", "lora_B", "magnitude"):
         t[k] = t[k].detach()
     y = dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0, t["bias"])
@@ -571,10 +397,10 @@ def test_only_the_bias_needs_a_gradient(backend):
 def test_save_output_modes_give_the_same_gradients(backend):
     """Both save modes (the output y, or u) give the same output and gradients."""
     case = Case((7,), 21, 9, 3, "f32", "frozen")
-    v = _values(case, 1)
+    v = values(case, 1)
     want = None
     for save_output in (True, False):
-        t = _op_tensors(case, v, backend)
+        t = op_tensors(case, v, backend)
         y = dora_kernels.dora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 2.0,
                                      save_output=save_output)  # no bias: the op saves y only then
         y.backward(t["G"])
@@ -590,7 +416,7 @@ def test_save_output_modes_give_the_same_gradients(backend):
 
 def _drop_inputs(device):
     case = Case((16,), 32, 24, 4, "f32", "frozen")
-    t = _op_tensors(case, _values(case, 3), device)
+    t = op_tensors(case, values(case, 3), device)
     return [t[k] for k in ("x", "weight", "lora_A", "lora_B", "magnitude")], t["bias"]
 
 
