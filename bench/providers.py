@@ -228,6 +228,130 @@ _BUILDERS = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# layers other than Linear (``bench.tables.KIND_SHAPES``): a PEFT Conv2d or Embedding DoRA layer
+# after ``dora_kernels.fuse`` (``fused``), unfused (``peft_dora``), PEFT's LoRA (``peft_lora``)
+# and the frozen base layer (``base``, the floor)
+
+@dataclass
+class KindTensors:
+    """One case of a conv / embedding layer: the frozen weight (conv (out, in, k, k) with its
+    bias; embedding (vocab, dim)), the input (conv (batch, in, H, W) requiring grad; embedding
+    (batch, seq) int64 ids) and the upstream gradient in the output's shape. ``tokens``: output
+    positions (batch·H·W) or ids; ``in_features``/``out_features``: in/out channels, vocab/dim."""
+
+    kind: str
+    name: str
+    sizes: dict
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    x: torch.Tensor
+    grad: torch.Tensor
+    r: int
+    alpha: float
+    adapter_dtype: torch.dtype
+    tokens: int
+    in_features: int
+    out_features: int
+
+
+def make_kind_tensors(kind, name, sizes, r, dtype, adapter_dtype, device, seed=0) -> KindTensors:
+    meta = torch.device(device).type == "meta"
+    gen = None if meta else torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, scale):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    if kind == "conv":
+        c_in, c_out, k, n = sizes["in_ch"], sizes["out_ch"], sizes["kernel"], sizes["batch"]
+        hw = sizes["size"]
+        fan = c_in * k * k
+        weight, bias = rand(c_out, c_in, k, k, scale=fan ** -0.5), rand(c_out, scale=fan ** -0.5)
+        out_hw = hw + 2 * sizes["padding"] - k + 1
+        x = rand(n, c_in, hw, hw, scale=1.0).requires_grad_(True)
+        grad = rand(n, c_out, out_hw, out_hw, scale=1.0)
+        return KindTensors(kind, name, dict(sizes), weight, bias, x, grad, r, 2.0 * r, adapter_dtype,
+                           n * out_hw * out_hw, c_in, c_out)
+    if kind == "embedding":
+        vocab, dim, n, seq = sizes["vocab"], sizes["dim"], sizes["batch"], sizes["seq"]
+        weight = rand(vocab, dim, scale=1.0)
+        if meta:
+            x = torch.zeros(n, seq, dtype=torch.long, device=device)
+        else:
+            x = torch.randint(0, vocab, (n, seq), generator=gen, device=device)
+        grad = rand(n, seq, dim, scale=1.0)
+        return KindTensors(kind, name, dict(sizes), weight, None, x, grad, r, 2.0 * r, adapter_dtype, n * seq,
+                           vocab, dim)
+    raise ValueError(f"unknown layer kind {kind!r}: conv or embedding")
+
+
+def _base_layer(t: KindTensors) -> nn.Module:
+    """The frozen nn.Conv2d / nn.Embedding over ``t.weight`` (built on meta, no init)."""
+    if t.kind == "conv":
+        s = t.sizes
+        layer = nn.Conv2d(s["in_ch"], s["out_ch"], s["kernel"], padding=s["padding"], bias=t.bias is not None,
+                          device="meta", dtype=t.weight.dtype)
+        if t.bias is not None:
+            layer.bias = _frozen(t.bias)
+    else:
+        layer = nn.Embedding(*t.weight.shape, device="meta", dtype=t.weight.dtype)
+    layer.weight = _frozen(t.weight)
+    return layer
+
+
+class _OneKind(nn.Module):
+    """The module PEFT wraps: one ``proj`` Conv2d or Embedding."""
+
+    def __init__(self, t: KindTensors):
+        super().__init__()
+        self.proj = _base_layer(t)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_kind(t: KindTensors, *, dora: bool) -> nn.Module:
+    """PEFT's Conv2d / Embedding LoRA layer (``use_dora``), adapters randomly initialised
+    (``init_lora_weights=False``: B ≠ 0) in ``t.adapter_dtype``; on meta tensors no values are made."""
+    peft = _require("peft", "peft is not installed")
+    cfg = peft.LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=0.0, target_modules=["proj"], use_dora=dora,
+                          init_lora_weights=False)
+    same = t.adapter_dtype == t.weight.dtype
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # the same adapters for every provider of a case on the CPU
+    try:
+        model = peft.get_peft_model(_OneKind(t), cfg, autocast_adapter_dtype=not same)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    layer = model.base_model.model.proj
+    for p in layer.parameters():
+        if p.requires_grad and p.dtype != t.adapter_dtype:
+            p.data = p.data.to(t.adapter_dtype)
+    return layer
+
+
+def _fused_kind(t: KindTensors) -> nn.Module:
+    dk = _require("dora_kernels", "dora_kernels does not import")
+    layer = _peft_kind(t, dora=True)
+    dk.fuse(layer)
+    if not dk.fused_layers(layer):
+        raise Unavailable("dora_kernels.fuse left the PEFT layer unfused")
+    return layer
+
+
+_KIND_BUILDERS = {
+    "fused": _fused_kind,
+    "peft_dora": lambda t: _peft_kind(t, dora=True),
+    "peft_lora": lambda t: _peft_kind(t, dora=False),
+    "base": _base_layer,
+}
+
+
+def build_kind(provider: str, t: KindTensors) -> nn.Module:
+    """``provider``'s conv / embedding module over ``t`` (``bench.tables.KIND_PROVIDERS``)."""
+    return _KIND_BUILDERS[provider](t)
+
+
 def build(provider: str, t: Tensors) -> nn.Module:
     """The provider's module over ``t``'s tensors; raises ``Unavailable`` if it cannot run here."""
     return _BUILDERS[provider](t)

@@ -33,7 +33,7 @@ from .flops import MODES, layer_flops
 from .report import fmt
 from .shapes import GROUPS, MODELS, parse_shapes
 from .shapes import defaults as sweep_defaults
-from .tables import default_out, nominal_bandwidth
+from .tables import KIND_CPU_SHAPES, KIND_FLOOR, KIND_PROVIDERS, KIND_SHAPES, LAYER_KINDS, default_out, nominal_bandwidth
 from .timing import bench, peak_bytes, saved_bytes
 
 ALL_MODES = MODES + ("norm",)
@@ -79,6 +79,11 @@ def parser() -> argparse.ArgumentParser:
                    help="CPU: torch threads (default 1: steady wall-clock times on a shared machine; 0: torch's "
                         "default)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--layers", type=_names, default=("linear",),
+                   help="comma list of linear (the projection sweep), conv (a Stable-Diffusion UNet 3x3 Conv2d "
+                        "320->320, 2x64x64), embedding (vocab 128256, dim 4096, 4096 ids); CPU: tiny conv/embedding "
+                        "shapes. conv/embedding providers: fused (PEFT after dora_kernels.fuse), peft_dora, "
+                        "peft_lora, base (the frozen layer, the floor); default linear")
     p.add_argument("--list", action="store_true", help="list the shapes and providers, then exit")
     return p
 
@@ -155,6 +160,20 @@ def _calls(module, mode, x, G):
     if mode == "bwd":
         return (lambda y: y.backward(G)), (lambda: module(x))
     raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
+
+
+def kind_flops(kind, mode, t, *, floor=False) -> int:
+    """Counted matmul FLOPs of a conv / embedding case (``bench.providers.KindTensors``), as
+    ``bench.flops`` counts a Linear's: the conv as a (tokens, in·k²) × (in·k², out) product, the
+    embedding's lookup as none; the rank path 2·N·r·(K + out) forward, twice that backward."""
+    n, out = t.tokens, t.out_features
+    k = t.in_features * t.sizes["kernel"] ** 2 if kind == "conv" else 0
+    base = 2 * n * k * out
+    rank = 0 if floor else 2 * n * t.r * (k + out)
+    fwd, bwd = base + rank, base + 2 * rank
+    if kind == "embedding" and floor:
+        bwd = 0  # a frozen lookup has no backward
+    return {"fwd": fwd, "eval": fwd, "bwd": bwd, "step": fwd + bwd}[mode]
 
 
 class Runner:
@@ -260,6 +279,70 @@ class Runner:
                 for metric, (med, p20, p80) in R.ratios(res, prov, mode, mem_key=mem_key).items():
                     rows.add(provider=prov, mode=mode, metric=metric, unit="x", median=med, p20=p20, p80=p80,
                              **common)
+
+    # -- a conv / embedding layer (--layers) -----------------------------------------------------
+    def run_kind(self, rows, kind, dtype, adapter_dtype, r, modes):
+        """PEFT's DoRA on a Conv2d / Embedding, fused (``dora_kernels.fuse``) and not, PEFT's LoRA
+        and the frozen layer (``base``, the floor; a frozen nn.Embedding has no backward: its
+        step is timed as the lookup, its bwd is not timed)."""
+        name, sizes = (KIND_SHAPES if self.device == "cuda" else KIND_CPU_SHAPES)[kind]
+        t = P.make_kind_tensors(kind, name, sizes, r, dtype, adapter_dtype, self.device)
+        a_dt = P.short_dtype(adapter_dtype)
+        title = (f"── {kind} {name} {sizes} · tokens {t.tokens} · r={r} · {P.short_dtype(dtype)} (adapters {a_dt})"
+                 f" — median ms (TFLOP/s); ratios of fused ──")
+        res = {}
+        for prov in KIND_PROVIDERS:
+            why = P.check_installed("fused_peft" if prov == "fused" else
+                                    ("linear" if prov == KIND_FLOOR else prov))
+            if why:
+                self.note(f"{kind} {prov} skipped: {why}")
+                continue
+            try:
+                module = P.build_kind(prov, t)
+            except Exception as e:  # noqa: BLE001  (a provider that fails to build is reported, not fatal)
+                self.note(f"{kind} {prov} failed to build: {type(e).__name__}: {e}")
+                continue
+            params = P.trainable(module)
+            for mode in modes:
+                frozen_lookup = kind == "embedding" and prov == KIND_FLOOR and mode in ("bwd", "step")
+                if frozen_lookup and mode == "bwd":
+                    continue
+                try:
+                    res[(prov, mode)] = self.measure(module, "fwd" if frozen_lookup else mode, t, params)
+                except Exception as e:  # noqa: BLE001
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    self.note(f"{kind} {prov} {mode} failed: {type(e).__name__}: {msg}")
+                    if self.device == "cuda":
+                        torch.cuda.empty_cache()
+            del module, params
+            gc.collect()
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+        shown = [p for p in KIND_PROVIDERS if any(k[0] == p for k in res)]
+        flops = {(p, m): kind_flops(kind, m, t, floor=p == KIND_FLOOR) for p in shown for m in modes}
+        # bench.report's ratios divide by the provider named "linear": the floor, here ``base``
+        keyed = {("linear" if p == KIND_FLOOR else p, m): v for (p, m), v in res.items()}
+        mem_key, mem_label = ("peak", "peak") if self.device == "cuda" else ("saved", "saved")
+        self.emit(R.case_table(title, keyed, ["linear" if p == KIND_FLOOR else p for p in shown], list(modes),
+                               {("linear" if p == KIND_FLOOR else p, m): f for (p, m), f in flops.items()},
+                               mem_key=mem_key, mem_label=mem_label).replace("linear", KIND_FLOOR))
+        self.emit()
+        common = dict(name=name, tokens=t.tokens, in_features=t.in_features, out_features=t.out_features, r=r,
+                      dtype=P.short_dtype(dtype), adapter_dtype=a_dt)
+        for (prov, mode), v in res.items():
+            med, p20, p80 = v["time"]
+            rows.add(provider=prov, mode=mode, metric="time", unit="ms", median=med, p20=p20, p80=p80, **common)
+            f = flops[(prov, mode)] / 1e9
+            rows.add(provider=prov, mode=mode, metric="tflops", unit="TFLOP/s", median=f / med, p20=f / p80,
+                     p80=f / p20, **common)
+            if v.get("peak") is not None:
+                rows.add(provider=prov, mode=mode, metric="peak_mem", unit="MiB", median=v["peak"] / R.MiB, **common)
+            if v.get("saved") is not None:
+                rows.add(provider=prov, mode=mode, metric="saved_mem", unit="MiB", median=v["saved"] / R.MiB,
+                         **common)
+        for mode in modes:
+            for metric, (med, p20, p80) in R.ratios(keyed, "fused", mode, mem_key=mem_key).items():
+                rows.add(provider="fused", mode=mode, metric=metric, unit="x", median=med, p20=p20, p80=p80, **common)
 
     # -- the weight norm alone ----------------------------------------------------------------
     def run_norm(self, rows, shape, r, dtype, adapter_dtype, provs):
@@ -441,8 +524,20 @@ def _main(args) -> int:
         with open(os.path.join(out_dir, "table.txt"), "w") as f:
             f.write("\n".join(run.lines) + "\n")
 
+    layers = tuple(args.layers)
+    bad_layers = [k for k in layers if k not in LAYER_KINDS]
+    if bad_layers:
+        print(f"error: unknown --layers {', '.join(bad_layers)} (one of {', '.join(LAYER_KINDS)})", file=sys.stderr)
+        return 2
     os.makedirs(out_dir, exist_ok=True)
     if not args.model:
+        for kind in (k for k in layers if k != "linear"):
+            for dtype in dtypes:
+                a_dtype = torch.float32 if args.adapter_dtype == "fp32" else dtype
+                for r in ranks:
+                    run.run_kind(rows, kind, dtype, a_dtype, r, layer_modes)
+                    checkpoint()
+    if not args.model and "linear" in layers:
         for dtype in dtypes:
             a_dtype = torch.float32 if args.adapter_dtype == "fp32" else dtype
             for shape in shapes:

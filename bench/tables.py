@@ -51,6 +51,24 @@ TRACE_PROVIDERS = tuple(p for p in PROVIDERS if p != "compiled")
 ALL_PROVIDERS = PROVIDERS + DVORA_PROVIDERS
 MODES = ("fwd", "bwd", "step", "eval")
 
+# layers other than Linear (``--layers``): a PEFT Conv2d / Embedding DoRA layer after
+# ``dora_kernels.fuse`` (``fused``), unfused (``peft_dora``), PEFT's LoRA (``peft_lora``) and the
+# frozen base layer, the floor (``base``: a frozen nn.Conv2d takes forward and input gradient; a
+# frozen nn.Embedding has no backward at all, its step is the lookup)
+LAYER_KINDS = ("linear", "conv", "embedding")
+KIND_PROVIDERS = ("fused", "peft_dora", "peft_lora", "base")
+KIND_FLOOR = "base"
+# (name, kind, sizes): conv: batch, in channels, out channels, kernel, padding, height = width;
+# embedding: batch, sequence, vocab, dim. "tokens" in the tables: output positions (batch·H·W) or ids.
+KIND_SHAPES = {
+    "conv": ("sd-unet.conv3x3", dict(batch=2, in_ch=320, out_ch=320, kernel=3, padding=1, size=64)),
+    "embedding": ("llama3.embed", dict(batch=1, seq=4096, vocab=128256, dim=4096)),
+}
+KIND_CPU_SHAPES = {  # what a CPU run of the timed benchmark uses (it checks the suite runs)
+    "conv": ("conv3x3-tiny", dict(batch=2, in_ch=16, out_ch=16, kernel=3, padding=1, size=8)),
+    "embedding": ("embed-tiny", dict(batch=1, seq=64, vocab=512, dim=64)),
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # shapes (``in → out`` of the projections of the models people fine-tune) and token counts

@@ -183,6 +183,28 @@ def _mm_flops(name, args, out):
     return 0
 
 
+_CONV = {"convolution", "convolution_backward"}
+
+
+def _conv_macs(x_shape, w_shape, out_shape, transposed):
+    """Multiply-adds of one convolution: per output element in/groups·prod(k) (transposed: per
+    input element)."""
+    per = int(w_shape[1]) * math.prod(int(k) for k in w_shape[2:])
+    return math.prod(int(v) for v in (x_shape if transposed else out_shape)) * per
+
+
+def _conv_flops(name, args, out):
+    """(matmul FLOPs, other FLOPs) of ``aten.convolution`` (2·MACs, the bias add as other) and
+    ``aten.convolution_backward`` (2·MACs per input / weight gradient asked for, the bias
+    gradient's reduction as other)."""
+    if name == "convolution":
+        x, w, bias, transposed = args[0], args[1], args[2], bool(args[6])
+        return 2 * _conv_macs(x.shape, w.shape, out.shape, transposed), (out.numel() if bias is not None else 0)
+    g, x, w, transposed, mask = args[0], args[1], args[2], bool(args[7]), args[10]
+    macs = _conv_macs(x.shape, w.shape, g.shape, transposed)
+    return 2 * macs * (int(bool(mask[0])) + int(bool(mask[1]))), (g.numel() if mask[2] else 0)
+
+
 def _custom_impl(qualname):
     """The Python implementation of a ``torch.library.custom_op`` (the real launchers)."""
     from torch._library.custom_ops import OPDEFS
@@ -237,7 +259,15 @@ class OpCounter(TorchDispatchMode):
         for t in outs:
             writes.setdefault(_tkey(t), distinct_bytes(t))
         mm = _mm_flops(name, args, out) if name in _MM else 0
-        other = 0 if mm else max([t.numel() for t in ins + outs] or [0])
+        if name in _CONV:
+            mm, other = _conv_flops(name, args, out)
+        else:
+            other = 0 if mm else max([t.numel() for t in ins + outs] or [0])
+        if name == "embedding" and outs:
+            # a gather: the rows it looks up, not the whole table (the ids, the rows read, the rows written)
+            nbytes = outs[0].numel() * outs[0].element_size()
+            reads = {"ids": distinct_bytes(args[1]), "rows": nbytes}
+            other = outs[0].numel()
         if name in ("addmm", "baddbmm", "addmv") and outs:
             other = outs[0].numel()  # the bias / accumulate
         dtype = (ins or outs)[0].dtype
@@ -290,16 +320,32 @@ def trace_layer(provider: str, shape: Shape, tokens: int, *, r=16, dtype="bf16",
     with runtime.trace_target(arch, num_sms):
         t = P.make_tensors(tokens, shape.in_features, shape.out_features, r, TB.dtype_of(dtype),
                            TB.dtype_of(adapter_dtype or dtype), "meta", bias=bias, dropout=dropout)
-        layer = P.build(provider, t)
-        layer.train()
-        saved, (y, fwd) = saved_bytes(lambda: count(lambda: layer(t.x)), held=list(layer.parameters()),
-                                      return_output=True)
-        _, bwd = count(lambda: y.backward(t.grad))
-        layer.eval()
-        with torch.no_grad():
-            layer(t.x)  # warm: eval caches (the fused module's norm) are filled once
-            _, ev = count(lambda: layer(t.x))
+        return _trace_module(P.build(provider, t), t)
+
+
+def _trace_module(layer, t) -> LayerTrace:
+    """Count ``layer``'s training step on ``t.x`` (backward with ``t.grad``; none where nothing
+    requires grad: a frozen nn.Embedding) and its steady-state eval forward."""
+    layer.train()
+    saved, (y, fwd) = saved_bytes(lambda: count(lambda: layer(t.x)), held=list(layer.parameters()),
+                                  return_output=True)
+    bwd = count(lambda: y.backward(t.grad))[1] if y.requires_grad else Count()
+    layer.eval()
+    with torch.no_grad():
+        layer(t.x)  # warm: eval caches (the fused module's norm) are filled once
+        _, ev = count(lambda: layer(t.x))
     return LayerTrace(fwd, bwd, ev, saved, sum(p.numel() for p in P.trainable(layer)))
+
+
+def trace_kind(kind: str, provider: str, *, name=None, sizes=None, r=16, dtype="bf16", adapter_dtype=None,
+               arch=(9, 0), num_sms=132) -> LayerTrace:
+    """``trace_layer`` for a conv / embedding layer (``bench.providers.build_kind``; the shape
+    ``bench.tables.KIND_SHAPES[kind]`` unless ``name``/``sizes`` are given)."""
+    dname, dsizes = TB.KIND_SHAPES[kind]
+    with runtime.trace_target(arch, num_sms):
+        t = P.make_kind_tensors(kind, name or dname, sizes or dsizes, r, TB.dtype_of(dtype),
+                                TB.dtype_of(adapter_dtype or dtype), "meta")
+        return _trace_module(P.build_kind(provider, t), t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +529,43 @@ COLUMNS = ["provider", "mode", "layer", "tokens", "in_features", "out_features",
 PARITY = "_at_cublas_parity"  # the suffix of the columns that run the Triton GEMMs at cuBLAS's rate
 
 
+def _case_rows(traces, providers, specs, fields, floor=FLOOR):
+    """The CSV rows of one case: ``traces[provider][gpu]`` (``LayerTrace``) per mode and GPU;
+    ``fields``: the case's columns (layer, tokens, in/out features, r, dtypes, bias, dropout);
+    ``floor``: the provider the ``ratio_floor`` columns divide by."""
+    rows = []
+    for g in specs:
+        for mode in MODES:
+            base, par = {}, {}
+            for p in providers:
+                c = traces[p][g].mode(mode)
+                base[p] = predict_s(c, specs[g])
+                par[p] = predict_s(c, specs[g], at_parity=True)
+            for p in providers:
+                tr = traces[p][g]
+                c = tr.mode(mode)
+                ms = base[p] * 1e3
+                eff = assumed_efficiency(c, specs[g])
+
+                def ratio(q, t=base):
+                    return round(t[p] / t[q], 4) if q in t and t[q] > 0 else ""
+
+                rows.append({
+                    "provider": p, "mode": mode, **fields, "launches": c.launches,
+                    "triton_launches": sum(e.source == "triton" for e in c.events),
+                    "aten_launches": sum(e.source == "aten" for e in c.events),
+                    "mm_flops": c.mm_flops, "other_flops": c.other_flops, "flops": c.mm_flops + c.other_flops,
+                    "hbm_bytes": c.bytes, "saved_bytes": 0 if mode == "eval" else tr.saved,
+                    "trainable_params": tr.trainable, "gpu": g,
+                    "predicted_ms": round(ms, 5), "ratio_floor": ratio(floor), "ratio_peft_dora": ratio("peft_dora"),
+                    "ratio_peft_lora": ratio("peft_lora"),
+                    "triton_gemm_eff": "" if eff is None else round(eff, 4),
+                    "predicted_ms" + PARITY: round(par[p] * 1e3, 5), "ratio_floor" + PARITY: ratio(floor, par),
+                    "ratio_peft_dora" + PARITY: ratio("peft_dora", par),
+                    "ratio_peft_lora" + PARITY: ratio("peft_lora", par), "kind": "prediction"})
+    return rows
+
+
 def run(shapes, tokens, *, r=16, dtype="bf16", adapter_dtype=None, bias=False, dropout=0.0, providers=PROVIDERS,
         gpus=tuple(GPUS), log=None, traces_out=None):
     """Trace every (shape, tokens, provider) and return the CSV rows (one per mode and GPU).
@@ -513,40 +596,105 @@ def run(shapes, tokens, *, r=16, dtype="bf16", adapter_dtype=None, bias=False, d
                         traces.setdefault(p, {})[g] = tr
                         if traces_out is not None:
                             traces_out[(name, n, p, g)] = tr
-            for g in gpus:
-                for mode in MODES:
-                    base, par = {}, {}
-                    for p in providers:
-                        c = traces[p][g].mode(mode)
-                        base[p] = predict_s(c, specs[g])
-                        par[p] = predict_s(c, specs[g], at_parity=True)
-                    for p in providers:
-                        tr = traces[p][g]
-                        c = tr.mode(mode)
-                        ms = base[p] * 1e3
-                        eff = assumed_efficiency(c, specs[g])
-
-                        def ratio(q, t=base):
-                            return round(t[p] / t[q], 4) if q in t and t[q] > 0 else ""
-
-                        rows.append({
-                            "provider": p, "mode": mode, "layer": name, "tokens": n, "in_features": fin,
-                            "out_features": fout, "r": r, "dtype": dtype, "adapter_dtype": adapter_dtype,
-                            "bias": int(bias), "dropout": dropout, "launches": c.launches,
-                            "triton_launches": sum(e.source == "triton" for e in c.events),
-                            "aten_launches": sum(e.source == "aten" for e in c.events),
-                            "mm_flops": c.mm_flops, "other_flops": c.other_flops, "flops": c.mm_flops + c.other_flops,
-                            "hbm_bytes": c.bytes, "saved_bytes": 0 if mode == "eval" else tr.saved,
-                            "trainable_params": tr.trainable, "gpu": g,
-                            "predicted_ms": round(ms, 5), "ratio_floor": ratio(FLOOR), "ratio_peft_dora": ratio("peft_dora"),
-                            "ratio_peft_lora": ratio("peft_lora"),
-                            "triton_gemm_eff": "" if eff is None else round(eff, 4),
-                            "predicted_ms" + PARITY: round(par[p] * 1e3, 5), "ratio_floor" + PARITY: ratio(FLOOR, par),
-                            "ratio_peft_dora" + PARITY: ratio("peft_dora", par),
-                            "ratio_peft_lora" + PARITY: ratio("peft_lora", par), "kind": "prediction"})
+            rows += _case_rows(traces, providers, specs,
+                               dict(layer=name, tokens=n, in_features=fin, out_features=fout, r=r, dtype=dtype,
+                                    adapter_dtype=adapter_dtype, bias=int(bias), dropout=dropout))
             if log:
                 log(f"  {name:11s} {fin:>5d}->{fout:<5d} tokens {n:>5d}: {time.perf_counter() - t0:5.2f} s")
     return rows
+
+
+def run_kinds(kinds, *, r=16, dtype="bf16", adapter_dtype=None, providers=TB.KIND_PROVIDERS, gpus=tuple(GPUS),
+              shapes=None, log=None, traces_out=None):
+    """``run`` for conv / embedding layers (``bench.tables.KIND_SHAPES``, or ``shapes[kind] =
+    (name, sizes)``): the rows of every provider of ``providers`` (the floor, ``base``, always
+    included), ratios to ``base``. ``tokens``: output positions (conv) or ids (embedding);
+    ``in_features``/``out_features``: channels (conv) or vocab/dim (embedding)."""
+    adapter_dtype = adapter_dtype or dtype
+    specs = dict(gpus) if isinstance(gpus, dict) else {g: GPUS[g] for g in gpus}
+    providers = tuple(dict.fromkeys([TB.KIND_FLOOR, "peft_dora", "peft_lora"] + list(providers)))
+    arch_gpus = {}
+    for g in specs:
+        arch_gpus.setdefault((tuple(specs[g]["arch"]), specs[g]["sms"]), []).append(g)
+    rows = []
+    for kind in kinds:
+        name, sizes = (shapes or {}).get(kind, TB.KIND_SHAPES[kind])
+        t0 = time.perf_counter()
+        traces = {}
+        for p in providers:
+            for (arch, sms), gs in arch_gpus.items():
+                if p.startswith("fused") or not traces.get(p):
+                    tr = trace_kind(kind, p, name=name, sizes=sizes, r=r, dtype=dtype, adapter_dtype=adapter_dtype,
+                                    arch=arch, num_sms=sms)
+                for g in gs:
+                    traces.setdefault(p, {})[g] = tr
+                    if traces_out is not None:
+                        traces_out[(name, p, g)] = tr
+        t = P.make_kind_tensors(kind, name, sizes, r, TB.dtype_of(dtype), TB.dtype_of(adapter_dtype), "meta")
+        rows += _case_rows(traces, providers, specs,
+                           dict(layer=name, tokens=t.tokens, in_features=t.in_features, out_features=t.out_features,
+                                r=r, dtype=dtype, adapter_dtype=adapter_dtype, bias=int(t.bias is not None),
+                                dropout=0.0), floor=TB.KIND_FLOOR)
+        if log:
+            log(f"  {name:16s} {kind:9s} ({dtype}, adapters {adapter_dtype}): {time.perf_counter() - t0:5.2f} s")
+    return rows
+
+
+def kind_shape_text(kinds) -> str:
+    """One line per layer kind: what the rows trace."""
+    out = []
+    for kind in kinds:
+        name, s = TB.KIND_SHAPES[kind]
+        if kind == "conv":
+            out.append(f"- `{name}`: PEFT DoRA on a 3x3 `nn.Conv2d` {s['in_ch']}->{s['out_ch']} channels, padding "
+                       f"{s['padding']}, bias, input ({s['batch']}, {s['in_ch']}, {s['size']}, {s['size']}) "
+                       f"(a Stable-Diffusion UNet block at 512x512 images, batch {s['batch']}); tokens = output "
+                       f"positions {s['batch']}x{s['size']}x{s['size']}; floor `base`: the frozen conv, forward + "
+                       "input gradient")
+        else:
+            out.append(f"- `{name}`: PEFT DoRA on an `nn.Embedding` of vocab {s['vocab']}, dim {s['dim']} "
+                       f"(Llama-3's), ids ({s['batch']}, {s['seq']}); in_features = vocab, out_features = dim; "
+                       "floor `base`: the frozen lookup (it has no backward: its step is the forward)")
+    return "\n".join(out)
+
+
+def _main_kinds(args, argv, specs, kinds) -> int:
+    out = args.out or TB.default_out("trace_" + "_".join(kinds))
+    a_dtypes = [args.adapter_dtype] if args.adapter_dtype else list(dict.fromkeys([args.dtype, "fp32"]))
+    provs = [p for p in args.providers if p in TB.KIND_PROVIDERS] or list(TB.KIND_PROVIDERS)
+    print("Dry-run trace (meta tensors; every figure below is a prediction)")
+    print(constants_text(specs))
+    t0 = time.perf_counter()
+    rows = []
+    for a in a_dtypes:
+        rows += run_kinds(kinds, r=args.r, dtype=args.dtype, adapter_dtype=a, providers=provs, gpus=specs, log=print)
+    elapsed = time.perf_counter() - t0
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "trace.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out, "trace_constants.json"), "w") as f:
+        json.dump(constants(specs), f, indent=1)
+    md = ["# Dry-run trace: DoRA on Conv2d and Embedding layers (predictions, not measurements)", "",
+          f"Command: `python -m bench --trace {' '.join(argv)}` ({elapsed:.1f} s); torch {torch.__version__}; "
+          "counted on meta tensors (see `bench/trace.py`).", "",
+          f"Providers: `fused` (PEFT's DoRA layer after `dora_kernels.fuse`), `peft_dora` (the same unfused), "
+          f"`peft_lora` (PEFT's LoRA, same r), `base` (the frozen layer: the floor); r = {args.r}, "
+          f"{args.dtype} base, adapters in " + " and ".join(a_dtypes) + " (column `adapter_dtype`). "
+          "`x floor` divides by `base`.", "", kind_shape_text(kinds), "", "Constants:", "", "```",
+          constants_text(specs), "```", ""]
+    for a in a_dtypes:
+        sel = [r for r in rows if r["adapter_dtype"] == a]
+        md += [f"## Adapters {a}", "", table(sel, mode="step"), "", table(sel, mode="eval"), ""]
+    with open(os.path.join(out, "trace.md"), "w") as f:
+        f.write("\n".join(md))
+    for a in a_dtypes:
+        print(f"\nadapters {a}")
+        print(table([r for r in rows if r["adapter_dtype"] == a], mode="step"))
+    print(f"\nwrote {out}/trace.csv, trace.md, trace_constants.json")
+    print(f"traced in {elapsed:.1f} s")
+    return 0
 
 
 def launch_list(provider: str, shape: Shape, tokens: int, mode: str, **case) -> list:
@@ -813,10 +961,15 @@ def main(argv=None) -> int:
     ap.add_argument("--bias", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--tokens", type=int, nargs="*", default=None)
-    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS + TB.DVORA_PROVIDERS)
+    ap.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS + TB.DVORA_PROVIDERS + (TB.KIND_FLOOR,))
     ap.add_argument("--dvora", action="store_true",
                     help=f"DVoRA rows: fused DVoRA, PEFT VeRA and fused DoRA at --r (default {DVORA_R}), fused DoRA at "
                          "r = 16, the Llama-3-8B projections at 4096 tokens, and the DVoRA target")
+    ap.add_argument("--layers", default=None, metavar="conv,embedding",
+                    help="trace DoRA on other layer kinds instead of the Linear projections: conv (a Stable-Diffusion "
+                         "UNet 3x3 Conv2d) and/or embedding (a 128k-vocab Embedding); providers fused (PEFT after "
+                         "dora_kernels.fuse), peft_dora, peft_lora and base (the frozen layer, the floor); adapters in "
+                         "--adapter-dtype, or both the model's dtype and fp32 without it")
     ap.add_argument("--gemm-efficiency", default=None, metavar="X|JSON",
                     help="the package's Triton GEMMs at this fraction of cuBLAS on every GPU, or the "
                          "gemm_efficiency.json of an acceptance run (its GPU at the measured factor); default: the "
@@ -830,6 +983,16 @@ def main(argv=None) -> int:
     tokens = tuple(args.tokens) if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
     if args.dvora:
         return _main_dvora(args, argv, specs, shapes)
+    kinds = [k for k in (args.layers or "").split(",") if k.strip()]
+    bad = [k for k in kinds if k not in TB.LAYER_KINDS]
+    if bad:
+        ap.error(f"--layers: unknown {', '.join(bad)} (one of {', '.join(TB.LAYER_KINDS)})")
+    if kinds and "linear" in kinds:
+        ap.error("--layers: linear is the default trace; ask for conv and/or embedding here")
+    if kinds:
+        return _main_kinds(args, argv, specs, kinds)
+    if TB.KIND_FLOOR in args.providers:
+        ap.error(f"--providers {TB.KIND_FLOOR}: the floor of --layers conv,embedding (the Linear trace's is {FLOOR})")
     providers = tuple(dict.fromkeys([FLOOR, "peft_dora", "peft_lora"] + list(args.providers)))
     out = args.out or TB.default_out("trace_quick" if args.quick else "trace")
     print("Dry-run trace (meta tensors; every figure below is a prediction)")

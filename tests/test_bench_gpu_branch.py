@@ -233,9 +233,10 @@ def test_quick_parts_fit_their_budget_and_run_what_they_should():
 
     cases = [c for c in selftest.cases("cuda", True) if "in100-out72" in c.id]
     assert 10 <= len(cases) <= 40
-    assert {"fp32", "fp16", "bf16", "bf16+fp32"} <= {c.dtype for c in cases}
-    assert any(c.dropout for c in cases) and any(not c.dropout for c in cases)
-    assert any(c.n % 16 and c.n > 1 for c in cases) and all(c.i % 16 or c.o % 16 for c in cases)  # odd shapes
+    assert {"fp32", "fp16", "bf16", "bf16+fp32"} <= {c.case.dtype for c in cases}
+    assert any(c.case.drop == "train" for c in cases) and any(c.case.drop == "none" for c in cases)
+    n = [c.case.lead[0] for c in cases]
+    assert any(k % 16 and k > 1 for k in n) and all(c.case.i % 16 or c.case.o % 16 for c in cases)  # odd shapes
 
     t = by["tests"]
     assert t.command[:4] == ("PY", "-m", "pytest", "-q") and t.cwd == A.ROOT

@@ -275,3 +275,52 @@ def test_dvora_rows_trace_the_fused_op_and_count_trainables():
     a = next(r for r in rows if r["provider"] == "fused_dvora" and r["mode"] == "step")["predicted_ms"]
     b = next(r for r in rows16 if r["provider"] == "fused" and r["mode"] == "step")["predicted_ms"]
     assert got[1:4] == (a, b, round(a / b, 3)) and got[4] == (a / b <= T.DVORA_LIMIT)
+
+
+# ---------------------------------------------------------------------------------------------
+# conv / embedding layers (``python -m bench --trace --layers conv,embedding``)
+
+@pytest.fixture(scope="module")
+def kind_rows():
+    return T.run_kinds(("conv", "embedding"), r=16, dtype="bf16", gpus=("H100-SXM",))
+
+
+def test_conv_and_embedding_rows_exist(kind_rows):
+    for kind in ("conv", "embedding"):
+        layer = TB.KIND_SHAPES[kind][0]
+        got = {(r["provider"], r["mode"]) for r in kind_rows if r["layer"] == layer}
+        assert got == {(p, m) for p in TB.KIND_PROVIDERS for m in T.MODES}
+    assert all(set(r) == set(T.COLUMNS) for r in kind_rows)
+    for r in kind_rows:  # a frozen nn.Embedding has no backward: nothing to launch
+        none = r["provider"] == "base" and r["mode"] == "bwd" and r["layer"] == TB.KIND_SHAPES["embedding"][0]
+        assert (r["predicted_ms"] == 0 and r["launches"] == 0) if none else r["predicted_ms"] > 0, r
+    conv_base = [r for r in kind_rows if r["provider"] == "base" and r["mode"] == "step"
+                 and r["layer"] == TB.KIND_SHAPES["conv"][0]][0]
+    # forward and input gradient of the 3x3 conv: 2 x 2·(2·64·64)·(320·9)·320 FLOPs
+    assert conv_base["mm_flops"] == 2 * 2 * (2 * 64 * 64) * (320 * 9) * 320
+    assert conv_base["ratio_floor"] == 1.0
+
+
+def test_fused_kinds_save_no_more_than_peft_dora(kind_rows):
+    for kind in ("conv", "embedding"):
+        layer = TB.KIND_SHAPES[kind][0]
+        step = {r["provider"]: r for r in kind_rows if r["layer"] == layer and r["mode"] == "step"}
+        assert step["fused"]["saved_bytes"] <= step["peft_dora"]["saved_bytes"], kind
+
+
+def test_fused_conv_step_runs_the_norm_kernel_and_forms_no_lora_product():
+    fused = T.trace_kind("conv", "fused").mode("step")
+    names = [e.name for e in fused.events]
+    assert "_norm_kernel" in names
+    assert not any(e.source == "triton" for e in fused.events if e.name != "_norm_kernel")
+    assert "mm" not in names  # no (out, in·k·k) product B·A
+    peft = [e.name for e in T.trace_kind("conv", "peft_dora").mode("step").events]
+    assert "mm" in peft and "_norm_kernel" not in peft
+
+
+def test_trace_main_writes_the_kind_tables(tmp_path):
+    assert T.main(["--trace", "--layers", "conv,embedding", "--adapter-dtype", "bf16", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "trace.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["layer"] for r in rows} == {TB.KIND_SHAPES[k][0] for k in ("conv", "embedding")}
+    assert "x floor" in (tmp_path / "trace.md").read_text()
