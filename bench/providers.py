@@ -200,7 +200,7 @@ class _DVoRA(nn.Module):
 
 def _peft_vera(t: Tensors) -> nn.Module:
     peft = _require("peft", "peft is not installed")
-    cfg = peft.VeraConfig(r=t.r, target_modules=["proj"], vera_dropout=t.dropout, save_projection=False)
+    cfg = peft.VeraConfig(r=t.r, target_modules=["proj"], vera_dropout=t.dropout)
     same = t.lora_A.dtype == t.weight.dtype
     model = peft.get_peft_model(_One(t.weight, t.bias), cfg, autocast_adapter_dtype=not same)
     return model.base_model.model.proj
