@@ -95,6 +95,17 @@ def _gemm_tile(tokens: int, dtype) -> tuple[int, int, int, int]:
     return _pow2(tokens, 16, 64), 32, 128, 4
 
 
+def _big_tiles(arch) -> bool:
+    """sm_90 / sm_100 (wgmma-class datacenter GPUs): the 128-wide tiles and 64-token bwd tiles
+    fit their registers. The consumer archs (sm_86, sm_89, sm_120) run mma.sync like sm_80 and
+    have 99 KB of shared memory: they take sm_80's smaller tiles."""
+    return arch is not None and (9, 0) <= tuple(arch) < (12, 0)
+
+
+def _small_shared(arch) -> bool:
+    return arch is not None and shared_limit(arch) < 128 * 1024
+
+
 def _elbytes(dtype, arch) -> int:
     return 4 if (arch is None or dtype == torch.float32) else 2
 
@@ -106,6 +117,8 @@ def fwd_config(*, N: int, M: int, dtype, arch, has_dropout: bool) -> Config:
     if has_dropout:
         # The in-loop Philox mask and the second accumulator need the registers of a wider tile.
         bm = 32
+        if bn == 64 and bk == 128 and _small_shared(arch):
+            bk = 64  # 128-deep steps spill 56-80 bytes on sm_86/89/120
     stages = _stages((bn * bk + bk * bm) * _elbytes(dtype, arch), bn * bm * 2, arch)
     meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16, "GROUP_N": 8,
             "num_warps": warps, "num_stages": stages}
@@ -124,19 +137,21 @@ def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool) -
         elif N < 64:
             bm = 16  # (with 2 stages, below) 32-deep steps spill a few bytes on sm_80 with 16-bit adapters
     else:
-        wide = dtype == torch.bfloat16 and not has_dropout and N >= 128 and arch is not None and tuple(arch) >= (9, 0)
+        wide = dtype == torch.bfloat16 and not has_dropout and N >= 128 and _big_tiles(arch)
         bk = 128 if wide else 64
         if N >= 64:
             bm = 32 if (has_dropout or dtype != torch.bfloat16) else 64
         elif has_dropout and bn == 32:
             bm = 32  # 128-deep steps with two accumulators spill (64-deep ones on sm_80 with tf32)
-        elif bn == 64 and (has_dropout or (arch is not None and tuple(arch) < (9, 0))):
+        elif bn == 64 and (has_dropout or (arch is not None and not _big_tiles(arch))):
             bm = 64  # 128-deep steps with two accumulators (or on sm_80 with the split dA) spill
     if not has_dx:
         bn, bm, warps = min(bn, 64), 16, 4
     stages = _stages((bn * bm + bm * bk) * _elbytes(dtype, arch), bn * bk * 2, arch)
     if dtype == torch.float32:
-        stages = min(stages, 2 if (N < 64 and not has_dropout) else 3)
+        stages = min(stages, 2 if (N < 64 and (not has_dropout or _small_shared(arch))) else 3)
+    if _small_shared(arch) and N >= 64 and bm == 32:
+        stages = min(stages, 2)  # 32-deep steps with fp32 operands spill 4-8 bytes on sm_120 at 3-4 stages
     meta = {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_R": 16, "GROUP_N": 8,
             "num_warps": warps, "num_stages": stages}
     return Config(meta, (cdiv(N, bn) * cdiv(K, bk),), {"T": cdiv(N, bn)})
@@ -154,7 +169,7 @@ def xa_config(*, N: int, R: int, dtype, arch, fp32_dots: bool) -> Config:
     """``_xa_kernel``; ``fp32_dots``: the product runs as fp32 dots (fp32 x, or adapters of another
     dtype than a 16-bit x that cannot take the split bf16 path). Those run as tf32x3 (three
     products per step; tf32 with ``allow_tf32``), so their steps are 32 deep (64 spills on sm_80)."""
-    bn = 64 if N >= 16384 else (32 if N >= 32 else 16)
+    bn = 64 if (N >= 16384 and not _small_shared(arch)) else (32 if N >= 32 else 16)
     br = _pow2(R, 16, 32)
     meta = {"BLOCK_N": bn, "BLOCK_K": 32 if (fp32_dots or dtype == torch.float32) else 64, "BLOCK_R": br,
             "num_warps": 4, "num_stages": 1 if arch is None else 3}
@@ -171,8 +186,8 @@ def bwd_dy_config(*, N: int, M: int, R: int, dtype, arch, num_sms: int) -> Confi
     kernel's ``TOK_PER_PROG`` / ``COL_PER_PROG``."""
     br = 32 if (R > 16 and dtype == torch.bfloat16 and N >= 64) else 16
     bn = (64 if br == 16 else 32) if N >= 64 else _pow2(N, 16, 32)
-    if dtype != torch.bfloat16 or (arch is not None and tuple(arch) < (9, 0)):
-        bn = min(bn, 32)  # 64-token tiles spill but for bf16 on sm_90+
+    if dtype != torch.bfloat16 or (arch is not None and not _big_tiles(arch)):
+        bn = min(bn, 32)  # 64-token tiles spill but for bf16 on sm_90/sm_100
     bm = 32
     chunks = cdiv(R, br)
     col_per = min(cdiv(M, bm) * bm, 512)
@@ -180,7 +195,9 @@ def bwd_dy_config(*, N: int, M: int, R: int, dtype, arch, num_sms: int) -> Confi
     want_t = max(1, cdiv(2 * num_sms, splits * chunks))
     tok_per = max(bn, cdiv(cdiv(N, want_t), bn) * bn)
     T = cdiv(N, tok_per)
-    meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "num_warps": 4, "num_stages": 1 if arch is None else 2}
+    # fp32 (tf32) dots in small-token tiles spill 4-20 bytes at 2 stages on sm_86/89
+    stages = 1 if (arch is None or (_small_shared(arch) and N < 64 and dtype != torch.bfloat16)) else 2
+    meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "num_warps": 4, "num_stages": stages}
     return Config(meta, (T, splits, chunks), {"T": T, "S": splits, "TOK_PER_PROG": tok_per, "COL_PER_PROG": col_per})
 
 
