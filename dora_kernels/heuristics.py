@@ -21,8 +21,11 @@ short:
 * Every config these functions return compiles without register spills and within the
   shared memory of sm_80 and sm_90, with wgmma for the 16-bit GEMM tiles on sm_90, with
   triton 3.9's ptxas (``bench/compile_report.py`` compiles them all;
-  ``tests/test_compile_report.py`` holds them to it; triton 3.6's ptxas spills 12 bytes in a
-  few). Some rules below exist only to dodge a spill that ptxas makes in one corner.
+  ``tests/test_compile_report.py`` holds them to it; triton 3.6's ptxas spills 12-20 bytes in
+  a few). The consumer archs (sm_86, sm_89, sm_120: mma.sync and 99 KB of shared memory) take
+  sm_80's tile rules (``_big_tiles``, ``_small_shared``); a few of their small-token fp16/fp32
+  tiles still spill 4-8 bytes. Some rules below exist only to dodge a spill that ptxas makes in
+  one corner.
 * Token reductions (the backward pass over G) size their programs so that about two waves
   of the GPU's SMs are busy; partials are then summed by a second, tiny kernel.
 
@@ -134,6 +137,8 @@ def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool) -
     if dtype == torch.float32:
         if has_dropout:
             bk = 32
+            if _small_shared(arch):
+                bm = 16  # (with 2 stages, below) 32-deep steps spill 8-20 bytes on sm_86/89
         elif N < 64:
             bm = 16  # (with 2 stages, below) 32-deep steps spill a few bytes on sm_80 with 16-bit adapters
     else:
@@ -189,15 +194,15 @@ def bwd_dy_config(*, N: int, M: int, R: int, dtype, arch, num_sms: int) -> Confi
     if dtype != torch.bfloat16 or (arch is not None and not _big_tiles(arch)):
         bn = min(bn, 32)  # 64-token tiles spill but for bf16 on sm_90/sm_100
     bm = 32
+    if _small_shared(arch) and N < 64 and dtype != torch.bfloat16:
+        bm = 16  # fp32 dots in small-token 32-column tiles spill 4-20 bytes on sm_86/89
     chunks = cdiv(R, br)
     col_per = min(cdiv(M, bm) * bm, 512)
     splits = cdiv(M, col_per)
     want_t = max(1, cdiv(2 * num_sms, splits * chunks))
     tok_per = max(bn, cdiv(cdiv(N, want_t), bn) * bn)
     T = cdiv(N, tok_per)
-    # fp32 (tf32) dots in small-token tiles spill 4-20 bytes at 2 stages on sm_86/89
-    stages = 1 if (arch is None or (_small_shared(arch) and N < 64 and dtype != torch.bfloat16)) else 2
-    meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "num_warps": 4, "num_stages": stages}
+    meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "num_warps": 4, "num_stages": 1 if arch is None else 2}
     return Config(meta, (T, splits, chunks), {"T": T, "S": splits, "TOK_PER_PROG": tok_per, "COL_PER_PROG": col_per})
 
 

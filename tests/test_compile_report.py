@@ -38,7 +38,7 @@ from bench import compile_report as CR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)
-COMMITTED_ARCHS = (80, 90)  # what bench/results/compile_report.csv covers
+COMMITTED_ARCHS = (80, 86, 89, 90, 120)  # what bench/results/compile_report.csv covers
 REPORT = os.path.join(ROOT, "bench", "results", "compile_report.csv")
 VERIFY = 24  # reused rows compiled again on every run
 
@@ -80,8 +80,10 @@ def test_every_kernel_and_arch_compiled(rows):
 
 
 def test_committed_report_covers_every_arch():
-    """The committed report: every kernel on every arch users have, 0 flagged (spills, shared
-    memory over the arch's limit, compile errors, sm_90 GEMM tiles without wgmma)."""
+    """The committed report: every kernel on every arch users have; 0 flagged (spills, shared
+    memory over the arch's limit, compile errors, sm_90 GEMM tiles without wgmma) on sm_80 and
+    sm_90, no compile error and nothing over shared memory on the consumer archs (whose few small
+    spills the report lists, README says which)."""
     with open(REPORT) as f:
         committed = list(csv.DictReader(f))
     for r in committed:
@@ -91,7 +93,9 @@ def test_committed_report_covers_every_arch():
     kernels = {r["kernel"] for r in committed}
     for arch in COMMITTED_ARCHS:
         assert {r["kernel"] for r in committed if r["arch"] == f"sm_{arch}"} == kernels, arch
-    bad = [f"{_id(r)}: {CR.problems(r)}" for r in committed if CR.problems(r)]
+    bad = [f"{_id(r)}: {CR.problems(r)}" for r in committed
+           if CR.problems(r) and (r["arch"] in ("sm_80", "sm_90") or not all(p.startswith("SPILL")
+                                                                           for p in CR.problems(r)))]
     assert not bad, "\n".join(bad[:20])
 
 
