@@ -669,13 +669,7 @@ def _main_kinds(args, argv, specs, kinds) -> int:
     for a in a_dtypes:
         rows += run_kinds(kinds, r=args.r, dtype=args.dtype, adapter_dtype=a, providers=provs, gpus=specs, log=print)
     elapsed = time.perf_counter() - t0
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "trace.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    with open(os.path.join(out, "trace_constants.json"), "w") as f:
-        json.dump(constants(specs), f, indent=1)
+    write_tables(rows, out, specs)
     md = ["# Dry-run trace: DoRA on Conv2d and Embedding layers (predictions, not measurements)", "",
           f"Command: `python -m bench --trace {' '.join(argv)}` ({elapsed:.1f} s); torch {torch.__version__}; "
           "counted on meta tensors (see `bench/trace.py`).", "",
@@ -902,7 +896,8 @@ def dvora_text(rows_dvora, rows_dora16) -> str:
     return "\n".join(lines)
 
 
-def write(rows, out_dir, *, argv=(), elapsed=None, gpus=None):
+def write_tables(rows, out_dir, gpus=None):
+    """trace.csv (``COLUMNS``) and trace_constants.json into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "trace.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -910,6 +905,10 @@ def write(rows, out_dir, *, argv=(), elapsed=None, gpus=None):
         w.writerows(rows)
     with open(os.path.join(out_dir, "trace_constants.json"), "w") as f:
         json.dump(constants(gpus), f, indent=1)
+
+
+def write(rows, out_dir, *, argv=(), elapsed=None, gpus=None):
+    write_tables(rows, out_dir, gpus)
     tg = targets(rows)
     md = ["# Dry-run trace of one DoRA layer step (predictions, not measurements)", "",
           f"Command: `python -m bench --trace {' '.join(argv)}`" + (f" ({elapsed:.1f} s)" if elapsed else ""),
@@ -1023,11 +1022,7 @@ def _main_dvora(args, argv, specs, shapes) -> int:
     rows = run(shapes, (4096,), r=r, providers=(FLOOR, "fused", "fused_dvora", "peft_vera"), **common)
     rows16 = run(shapes, (4096,), r=16, providers=(FLOOR, "fused"), **common)
     elapsed = time.perf_counter() - t0
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "trace.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows + rows16)
+    write_tables(rows + rows16, out, specs)
     text = dvora_text(rows, rows16)
     md = ["# Dry-run trace: DVoRA (predictions, not measurements)", "",
           f"Command: `python -m bench --trace {' '.join(argv)}` ({elapsed:.1f} s); torch {torch.__version__}; "

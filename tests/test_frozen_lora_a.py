@@ -13,8 +13,8 @@ import reference
 from dora_kernels import runtime
 from tolerance import assert_close_to_f64
 
-DTYPES = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
-          "f16+f32": (torch.float16, torch.float32)}
+DTYPES = {"f32": (torch.float32, torch.float32), "f16": (torch.float16, torch.float16),
+          "bf16": (torch.bfloat16, torch.bfloat16), "f16+f32": (torch.float16, torch.float32)}
 
 
 def _run(fn, x, w, A, B, m, G, bias, **kw):

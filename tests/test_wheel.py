@@ -19,8 +19,6 @@ def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
                            "-q", "-w", str(out)], capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "No module named pip" in proc.stderr:
-        pytest.skip("pip is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (whl,) = out.glob("dora_kernels-*.whl")
     return whl
