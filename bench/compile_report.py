@@ -142,18 +142,24 @@ class Case:
     exact: int
     source: str
     tf32: int = 0
+    frozen_a: int = 0  # lora_A needs no gradient (DVoRA's shared projection): no dA partials
 
     @property
     def label(self):
         d = self.dtype if self.adapter == self.dtype else f"{self.dtype}+{self.adapter}"
         return (f"{self.in_f}->{self.out_f} N={self.tokens} r={self.r} {d}"
                 f"{' drop' if self.dropout else ''}{' bias' if self.bias else ''}"
-                f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}{' tf32' if self.tf32 else ''}")
+                f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}{' tf32' if self.tf32 else ''}{' frozen-A' if self.frozen_a else ''}")
 
 
-def _grid(source, shapes, tokens, ranks, pairs, flags=FLAG_SETS, tf32=(0,)) -> list:
-    return [Case(fi, fo, n, r, d, a, *fl, source, t) for (fi, fo), n, r, (d, a), fl, t
+def _grid(source, shapes, tokens, ranks, pairs, flags=FLAG_SETS, tf32=(0,), frozen_a=0) -> list:
+    return [Case(fi, fo, n, r, d, a, *fl, source, t, frozen_a) for (fi, fo), n, r, (d, a), fl, t
             in itertools.product(shapes, tokens, ranks, pairs, flags, tf32)]
+
+
+# a frozen lora_A (DVoRA): the dx kernel without dA partials, up to DVoRA's r = 1024
+FROZEN_A_RANKS = (1, 17, 256, 1024)
+FROZEN_A_FLAGS = [(0, 0, 1, 0), (1, 1, 1, 0), (0, 1, 1, 1)]
 
 
 def cases(quick: bool = False) -> list:
@@ -162,7 +168,9 @@ def cases(quick: bool = False) -> list:
         return _grid("bench", q["shapes"], q["tokens"], q["ranks"], q["dtypes"], q["flags"])
     return (_grid("bench", BENCH_SHAPES, BENCH_TOKENS, BENCH_RANKS, DTYPE_PAIRS)
             + _grid("coverage", COVER_SHAPES, COVER_TOKENS, COVER_RANKS, DTYPE_PAIRS)
-            + _grid("coverage", COVER_SHAPES, EDGE_TOKENS, EDGE_RANKS, ALL_PAIRS, tf32=(0, 1)))
+            + _grid("coverage", COVER_SHAPES, EDGE_TOKENS, EDGE_RANKS, ALL_PAIRS, tf32=(0, 1))
+            + _grid("coverage", BENCH_SHAPES[:1] + COVER_SHAPES, EDGE_TOKENS, FROZEN_A_RANKS, DTYPE_PAIRS,
+                    flags=FROZEN_A_FLAGS, frozen_a=1))
 
 
 def record(case: Case, arch: int) -> list:
@@ -172,7 +180,7 @@ def record(case: Case, arch: int) -> list:
     dev = "meta"
     x = torch.empty((case.tokens, case.in_f), device=dev, dtype=dt, requires_grad=bool(case.need_dx))
     w = torch.empty((case.out_f, case.in_f), device=dev, dtype=dt)
-    A = torch.empty((case.r, case.in_f), device=dev, dtype=adt, requires_grad=True)
+    A = torch.empty((case.r, case.in_f), device=dev, dtype=adt, requires_grad=not case.frozen_a)
     B = torch.empty((case.out_f, case.r), device=dev, dtype=adt, requires_grad=True)
     m = torch.empty((case.out_f,), device=dev, dtype=adt, requires_grad=True)
     bias = torch.empty((case.out_f,), device=dev, dtype=dt) if case.bias else None
