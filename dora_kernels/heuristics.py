@@ -23,9 +23,9 @@ short:
   triton 3.9's ptxas (``bench/compile_report.py`` compiles them all;
   ``tests/test_compile_report.py`` holds them to it; triton 3.6's ptxas spills 12-20 bytes in
   a few). The consumer archs (sm_86, sm_89, sm_120: mma.sync and 99 KB of shared memory) take
-  sm_80's tile rules (``_big_tiles``, ``_small_shared``); a few of their small-token fp16/fp32
-  tiles still spill 4-8 bytes. Some rules below exist only to dodge a spill that ptxas makes in
-  one corner.
+  sm_80's tile rules (``_big_tiles``, ``_small_shared``) and, where those spill, other tiles,
+  warps or stages for their small-token fp16/fp32 backward tiles; every config compiles without
+  spills there too. Some rules below exist only to dodge a spill that ptxas makes in one corner.
 * Token reductions (the backward pass over G) size their programs so that about two waves
   of the GPU's SMs are busy; partials are then summed by a second, tiny kernel.
 
@@ -157,6 +157,8 @@ def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool) -
         stages = min(stages, 2 if (N < 64 and (not has_dropout or _small_shared(arch))) else 3)
     if _small_shared(arch) and N >= 64 and bm == 32:
         stages = min(stages, 2)  # 32-deep steps with fp32 operands spill 4-8 bytes on sm_120 at 3-4 stages
+    if _small_shared(arch) and dtype == torch.float32 and has_dropout and has_dx and bn == 32:
+        stages = 1  # 17-63 tokens: 2 stages spill 4 bytes on sm_86/89 (8 warps instead spill on sm_120)
     meta = {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "BLOCK_R": 16, "GROUP_N": 8,
             "num_warps": warps, "num_stages": stages}
     return Config(meta, (cdiv(N, bn) * cdiv(K, bk),), {"T": cdiv(N, bn)})
@@ -193,16 +195,20 @@ def bwd_dy_config(*, N: int, M: int, R: int, dtype, arch, num_sms: int) -> Confi
     bn = (64 if br == 16 else 32) if N >= 64 else _pow2(N, 16, 32)
     if dtype != torch.bfloat16 or (arch is not None and not _big_tiles(arch)):
         bn = min(bn, 32)  # 64-token tiles spill but for bf16 on sm_90/sm_100
-    bm = 32
+    bm, warps, stages = 32, 4, 1 if arch is None else 2
     if _small_shared(arch) and N < 64 and dtype != torch.bfloat16:
-        bm = 16  # fp32 dots in small-token 32-column tiles spill 4-20 bytes on sm_86/89
+        # fp32 dots in small-token tiles spill on sm_86/89/120: 32-column tiles 4-20 bytes, 16-column
+        # ones at 4 warps and 2 stages 4-8 bytes; 32-token tiles take 8 warps, 16-token ones 1 stage
+        # (the other choice spills 8-16 bytes in some of them)
+        bm = 16
+        warps, stages = (8, stages) if bn == 32 else (4, 1)
     chunks = cdiv(R, br)
     col_per = min(cdiv(M, bm) * bm, 512)
     splits = cdiv(M, col_per)
     want_t = max(1, cdiv(2 * num_sms, splits * chunks))
     tok_per = max(bn, cdiv(cdiv(N, want_t), bn) * bn)
     T = cdiv(N, tok_per)
-    meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "num_warps": 4, "num_stages": 1 if arch is None else 2}
+    meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_R": br, "num_warps": warps, "num_stages": stages}
     return Config(meta, (T, splits, chunks), {"T": T, "S": splits, "TOK_PER_PROG": tok_per, "COL_PER_PROG": col_per})
 
 
