@@ -143,13 +143,16 @@ class Case:
     source: str
     tf32: int = 0
     frozen_a: int = 0  # lora_A needs no gradient (DVoRA's shared projection): no dA partials
+    quant: str = ""  # a quantised W0 (QDoRA): "nf4" (nested absmax) or "int8"
+    wdtype: str = ""  # the quantised W0's dtype where it is not x's
 
     @property
     def label(self):
         d = self.dtype if self.adapter == self.dtype else f"{self.dtype}+{self.adapter}"
         return (f"{self.in_f}->{self.out_f} N={self.tokens} r={self.r} {d}"
                 f"{' drop' if self.dropout else ''}{' bias' if self.bias else ''}"
-                f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}{' tf32' if self.tf32 else ''}{' frozen-A' if self.frozen_a else ''}")
+                f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}{' tf32' if self.tf32 else ''}{' frozen-A' if self.frozen_a else ''}"
+                f"{f' {self.quant}' if self.quant else ''}{f' W0 {self.wdtype}' if self.wdtype else ''}")
 
 
 def _grid(source, shapes, tokens, ranks, pairs, flags=FLAG_SETS, tf32=(0,), frozen_a=0) -> list:
@@ -162,6 +165,43 @@ FROZEN_A_RANKS = (1, 17, 256, 1024)
 FROZEN_A_FLAGS = [(0, 0, 1, 0), (1, 1, 1, 0), (0, 1, 1, 1)]
 
 
+# QDoRA: a 4-bit (nf4, nested absmax) or int8 W0 dequantised in the norm and, up to
+# heuristics.DEQUANT_IN_KERNEL_TOKENS tokens, in the GEMM kernels (above: the dequantising kernel and
+# the dense GEMMs); one odd layer, one token count per tile bucket, the dtypes of QLoRA training
+# (bf16 or fp16 x, 16-bit or fp32 adapters; fp32), W0 in x's dtype and a bf16 W0 under fp16 x.
+QUANT_FORMATS = ("nf4", "int8")
+QUANT_TOKENS = (1, 17, 64, 65)
+QUANT_PAIRS = [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")]
+
+
+def _quant_grid() -> list:
+    out = []
+    for fmt, (fi, fo), n, (d, a), fl in itertools.product(QUANT_FORMATS, COVER_SHAPES[1:], QUANT_TOKENS, QUANT_PAIRS,
+                                                          FLAG_SETS):
+        out.append(Case(fi, fo, n, 17, d, a, *fl, "coverage", 0, 0, fmt))
+        if fmt == "nf4" and d == "fp16":
+            out.append(Case(fi, fo, n, 17, d, a, *fl, "coverage", 0, 0, fmt, "bf16"))
+    return out
+
+
+def meta_quant_weight(fmt: str, out_f: int, in_f: int, dtype, blocksize: int = 64):
+    """A ``QuantWeight`` of meta tensors: bitsandbytes' nf4 with nested absmax (its default
+    nested blocksize 256), or int8 with row scales (whose dequantised dtype is fp32)."""
+    from dora_kernels.quant import NestedAbsmax, QuantWeight
+
+    dev = "meta"
+    if fmt == "int8":
+        return QuantWeight("int8", torch.empty((out_f, in_f), dtype=torch.int8, device=dev), (out_f, in_f),
+                           torch.float32, scb=torch.empty(out_f, device=dev))
+    n = out_f * in_f
+    blocks = -(-n // blocksize)
+    nested = NestedAbsmax(torch.empty(256, device=dev), torch.empty(-(-blocks // 256), device=dev), 256,
+                          torch.empty((), device=dev))
+    return QuantWeight(fmt, torch.empty((n + 1) // 2, dtype=torch.uint8, device=dev), (out_f, in_f), dtype,
+                       absmax=torch.empty(blocks, dtype=torch.uint8, device=dev), code=torch.empty(16, device=dev),
+                       blocksize=blocksize, nested=nested)
+
+
 def cases(quick: bool = False) -> list:
     if quick:
         q = QUICK
@@ -170,7 +210,8 @@ def cases(quick: bool = False) -> list:
             + _grid("coverage", COVER_SHAPES, COVER_TOKENS, COVER_RANKS, DTYPE_PAIRS)
             + _grid("coverage", COVER_SHAPES, EDGE_TOKENS, EDGE_RANKS, ALL_PAIRS, tf32=(0, 1))
             + _grid("coverage", BENCH_SHAPES[:1] + COVER_SHAPES, EDGE_TOKENS, FROZEN_A_RANKS, DTYPE_PAIRS,
-                    flags=FROZEN_A_FLAGS, frozen_a=1))
+                    flags=FROZEN_A_FLAGS, frozen_a=1)
+            + _quant_grid())
 
 
 def record(case: Case, arch: int) -> list:
@@ -179,7 +220,10 @@ def record(case: Case, arch: int) -> list:
     dt, adt = DTYPES[case.dtype], DTYPES[case.adapter]
     dev = "meta"
     x = torch.empty((case.tokens, case.in_f), device=dev, dtype=dt, requires_grad=bool(case.need_dx))
-    w = torch.empty((case.out_f, case.in_f), device=dev, dtype=dt)
+    if case.quant:
+        w = meta_quant_weight(case.quant, case.out_f, case.in_f, DTYPES[case.wdtype or case.dtype])
+    else:
+        w = torch.empty((case.out_f, case.in_f), device=dev, dtype=dt)
     A = torch.empty((case.r, case.in_f), device=dev, dtype=adt, requires_grad=not case.frozen_a)
     B = torch.empty((case.out_f, case.r), device=dev, dtype=adt, requires_grad=True)
     m = torch.empty((case.out_f,), device=dev, dtype=adt, requires_grad=True)

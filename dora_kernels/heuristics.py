@@ -113,10 +113,14 @@ def _elbytes(dtype, arch) -> int:
     return 4 if (arch is None or dtype == torch.float32) else 2
 
 
-def fwd_config(*, N: int, M: int, dtype, arch, has_dropout: bool) -> Config:
+def fwd_config(*, N: int, M: int, dtype, arch, has_dropout: bool, wq: int = 0) -> Config:
     """``_fwd_kernel``: N × M tiles, reducing over K. With dropout the kernel carries two
-    accumulators (x and x̃), so the M tile is narrower."""
+    accumulators (x and x̃), so the M tile is narrower. A W0 dequantised in the kernel (``wq``: few
+    tokens, no dropout) takes 32 × 32 steps (its indices and scales take registers: wider tiles
+    spill 12-600 bytes)."""
     bn, bm, bk, warps = _gemm_tile(N, dtype)
+    if wq:
+        bm, bk = 32, 32
     if has_dropout:
         # The in-loop Philox mask and the second accumulator need the registers of a wider tile.
         bm = 32
@@ -128,11 +132,12 @@ def fwd_config(*, N: int, M: int, dtype, arch, has_dropout: bool) -> Config:
     return Config(meta, (cdiv(N, bn) * cdiv(M, bm),))
 
 
-def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool) -> Config:
+def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool, wq: int = 0) -> Config:
     """``_dx_kernel``: N × K tiles (BLOCK_K), reducing over M (BLOCK_M). The main loop scales dy
     by g in registers and the tile also builds the dA partial, so it is narrower than the
-    forward's: 64 in-columns, or 128 on sm_90 for bf16 without dropout. ``sizes["T"]``: token
-    blocks, one dA partial each."""
+    forward's: 64 in-columns, or 128 on sm_90 for bf16 without dropout; a W0 dequantised in the
+    kernel (``wq``: few tokens, no dropout) takes 32-deep steps over M and 32 in-columns.
+    ``sizes["T"]``: token blocks, one dA partial each."""
     bn, bk, bm, warps = _gemm_tile(N, dtype)
     if dtype == torch.float32:
         if has_dropout:
@@ -150,6 +155,8 @@ def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool) -
             bm = 32  # 128-deep steps with two accumulators spill (64-deep ones on sm_80 with tf32)
         elif bn == 64 and (has_dropout or (arch is not None and not _big_tiles(arch))):
             bm = 64  # 128-deep steps with two accumulators (or on sm_80 with the split dA) spill
+    if wq and has_dx:
+        bm, bk = 32, 32  # wider tiles spill 4-400 bytes
     if not has_dx:
         bn, bm, warps = min(bn, 64), 16, 4
     stages = _stages((bn * bm + bm * bk) * _elbytes(dtype, arch), bn * bk * 2, arch)
@@ -164,12 +171,40 @@ def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool) -
     return Config(meta, (cdiv(N, bn) * cdiv(K, bk),), {"T": cdiv(N, bn)})
 
 
-def norm_config(*, M: int, dtype, arch, has_wa: bool) -> Config:
-    """``_norm_kernel``: 32 rows a program, the whole of K in steps; 32-deep steps with W0·Aᵀ."""
+def norm_config(*, M: int, dtype, arch, has_wa: bool, wq: int = 0) -> Config:
+    """``_norm_kernel``: 32 rows a program, the whole of K in steps; 32-deep steps with W0·Aᵀ, 64-deep
+    ones over 4-bit codes (``wq`` 4: their 64-bit element indices take registers)."""
     half = dtype in (torch.float16, torch.bfloat16)
-    meta = {"BLOCK_M": 32, "BLOCK_K": 32 if has_wa else (128 if half else 64), "BLOCK_R": 16,
+    bk = 32 if has_wa else (64 if (wq == 4 or not half) else 128)
+    meta = {"BLOCK_M": 32, "BLOCK_K": bk, "BLOCK_R": 16,
             "num_warps": 4, "num_stages": 1 if arch is None else 3}
     return Config(meta, (cdiv(M, 32),))
+
+
+# QDoRA: a quantised W0 is dequantised in the GEMM kernels' registers (each token block again)
+# up to DEQUANT_IN_KERNEL_TOKENS tokens without dropout (eval and decoding: the GEMM streams W0, and
+# reading a quarter of its bytes wins); otherwise it is dequantised once into a transient dense W0
+# (``_dequant_kernel``) that the dense GEMMs read, as bitsandbytes does: the dequantising work would
+# repeat per token block, and its registers would crowd the wide tiles (the dropout tiles carry two
+# accumulators). The norm always reads the codes. Operations per element dequantised (the trace's
+# count of that work): 4-bit codes (index, byte, nibble, table and absmax loads, product, two
+# roundings), int8 rows.
+DEQUANT_IN_KERNEL_TOKENS = 64
+DEQUANT_OPS = {4: 16, 8: 6}
+
+
+def dequant_in_kernel(*, N: int, has_dropout: bool) -> bool:
+    return N <= DEQUANT_IN_KERNEL_TOKENS and not has_dropout
+
+
+def dequant_config(*, M: int, K: int) -> Config:
+    """``_dequant_kernel``: 32 × 128 tiles of W0."""
+    return Config({"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4}, (cdiv(M, 32), cdiv(K, 128)))
+
+
+def absmax_config(*, n: int) -> Config:
+    """``_absmax_kernel``: 1024 absmax a program."""
+    return Config({"BLOCK": 1024, "num_warps": 4}, (cdiv(n, 1024),))
 
 
 def xa_config(*, N: int, R: int, dtype, arch, fp32_dots: bool) -> Config:

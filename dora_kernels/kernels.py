@@ -15,6 +15,8 @@ is ``HAS_*``; every block size ``BLOCK_*``. Values are upcast to fp32 right afte
 wherever they enter arithmetic; GEMM operands stay in their storage dtype so the tensor
 cores see bf16/fp16, except under the interpreter (``UPCAST``), whose bf16 arithmetic is
 wrong. ``LORA_F32`` runs the rank-r products in fp32 (adapters wider than x, or fp32 x).
+A quantised W0 (QDoRA, ``WQ``; see ``_w0``) is dequantised in registers where a tile of it
+is loaded: bitsandbytes' 4-bit codes (``WQ = 4``) or int8 rows (``WQ = 8``).
 Reductions over tokens write per-program fp32 partials that a second kernel sums:
 deterministic, no atomics. Arguments that only bound loops or address the small operands
 (tokens N, rank R, B's row stride, the dropout seed, counts of partials and token blocks) are not
@@ -101,16 +103,95 @@ def _grouped(pid, num_n, num_c, GROUP_N: tl.constexpr):
     return pid_n, pid_c
 
 
-@triton.jit(do_not_specialize=["R", "stride_bm", "stride_wam"])
+@triton.jit
+def _rounded_as(v, DT: tl.constexpr):
+    # fp32 v rounded to DT ("fp32", "fp16", "bf16") to nearest even, kept in fp32 (exact in DT);
+    # on the bits under the interpreter, which truncates to bf16.
+    if DT == "bf16":
+        if _INTERPRET:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        return v.to(tl.bfloat16).to(tl.float32)
+    elif DT == "fp16":
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
+def _w0(w_ptr, stride_wm, stride_wk, codes_ptr, qmap_ptr, qscale_ptr, qshift, o_m, o_k, mask, K, out_ptr,
+        WQ: tl.constexpr, QDT: tl.constexpr):
+    # W0[o_m, o_k] (broadcastable row / column indices; 0 on masked lanes) in out_ptr's element type.
+    # WQ = 0: loaded as stored. A quantised W0 is dequantised as bitsandbytes does, in fp32, then
+    # rounded to its dtype QDT, then to out_ptr's (``_rounded``): WQ = 4, 4-bit codes packed two
+    # a byte over the flattened weight (element 2i in the high nibble), value = qmap[code] ·
+    # qscale[flat index >> qshift] (absmax blocks of 2**qshift elements, fp32); WQ = 8, int8 w,
+    # value = (w · qscale[row]) · (1/127) (the row scales SCB). The flat index is 32-bit (the
+    # launchers send a 4-bit W0 of 2**31 elements or more to the torch path).
+    if WQ == 4:
+        f = o_m.to(tl.int32) * K + o_k.to(tl.int32)
+        byte = tl.load(codes_ptr + (f >> 1), mask=mask, other=0).to(tl.int32)
+        code = (byte >> (4 - 4 * (f & 1))) & 15
+        v = tl.load(qmap_ptr + code) * tl.load(qscale_ptr + (f >> qshift), mask=mask, other=0.0)
+        return _rounded(_rounded_as(v, QDT), out_ptr)
+    elif WQ == 8:
+        q = tl.load(w_ptr + o_m * stride_wm + o_k * stride_wk, mask=mask, other=0)
+        sc = tl.load(qscale_ptr + (o_m + o_k * 0), mask=mask, other=0.0)
+        v = (q.to(tl.float32) * sc) * 7.874015718698502e-3  # bitsandbytes multiplies by 1/127
+        return _rounded(_rounded_as(v, QDT), out_ptr)
+    else:
+        return tl.load(w_ptr + o_m * stride_wm + o_k * stride_wk, mask=mask, other=0.0)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _absmax_kernel(
+    out_ptr,  # out (n,) fp32: the absmax of each block of a 4-bit W0
+    q_ptr,  # (n,) uint8: those absmax as codes of the nested table
+    code_ptr,  # (256,) fp32: the nested table
+    absmax_ptr,  # (⌈n / block⌉,) fp32: the nested absmax, one per block of codes
+    offset_ptr,  # (1,) fp32
+    n, block,
+    BLOCK: tl.constexpr,
+):
+    # Double quantisation undone: absmax = code[q] · absmax2[i // block] + offset, the product rounded
+    # before the sum as bitsandbytes forms it (the launcher turns off FMA contraction).
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    q = tl.load(q_ptr + o, mask=m, other=0).to(tl.int32)
+    v = tl.load(code_ptr + q) * tl.load(absmax_ptr + o // block, mask=m, other=0.0)
+    tl.store(out_ptr + o, v + tl.load(offset_ptr), mask=m)
+
+
+@triton.jit(do_not_specialize=["N", "qshift"])
+def _dequant_kernel(
+    out_ptr, stride_om, stride_ok,  # out (M, K): W0 dequantised
+    w_ptr, stride_wm, stride_wk,  # int8 W0 (WQ = 8; else None): row, column
+    codes_ptr, qmap_ptr, qscale_ptr,  # the quantised W0 (see _w0)
+    qshift, M, K,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WQ: tl.constexpr, QDT: tl.constexpr,
+):
+    # A quantised W0 made dense for the many-token GEMMs (one pass: its codes read, W0 written).
+    o_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = (o_m < M)[:, None] & (o_k < K)[None, :]
+    b_w = _w0(w_ptr, stride_wm, stride_wk, codes_ptr, qmap_ptr, qscale_ptr, qshift, o_m[:, None], o_k[None, :], m,
+              K, out_ptr, WQ, QDT)
+    tl.store(out_ptr + o_m[:, None] * stride_om + o_k[None, :] * stride_ok, b_w, mask=m)
+
+
+@triton.jit(do_not_specialize=["R", "stride_bm", "stride_wam", "qshift"])
 def _norm_kernel(
     norm_ptr,  # out (M,) fp32: ‖W0 + s·B·A‖ per row
     wa_ptr, stride_wam, stride_war,  # out (M, R) fp32: W0·Aᵀ (norm_grad="exact" only; else None): row, rank
-    w_ptr, stride_wm, stride_wk,  # W0: row, column
+    w_ptr, stride_wm, stride_wk,  # W0: row, column (int8 for WQ = 8; None for WQ = 4)
+    codes_ptr, qmap_ptr, qscale_ptr,  # a quantised W0 (WQ = 4, 8; see _w0), else None
     a_ptr, stride_ar, stride_ak,  # A: rank, column
     b_ptr, stride_bm, stride_br,  # B: row, rank
-    M, K, R, scaling,
+    M, K, R, scaling, qshift,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_WA: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, PREC: tl.constexpr,
+    WQ: tl.constexpr, QDT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     o_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,8 +201,8 @@ def _norm_kernel(
     for k0 in range(0, K, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < K
-        b_w = tl.load(w_ptr + o_m[:, None] * stride_wm + o_k[None, :] * stride_wk,
-                      mask=m_m[:, None] & m_k[None, :], other=0.0)
+        b_w = _w0(w_ptr, stride_wm, stride_wk, codes_ptr, qmap_ptr, qscale_ptr, qshift, o_m[:, None], o_k[None, :],
+                  m_m[:, None] & m_k[None, :], K, norm_ptr, WQ, QDT)
         b_ba = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             m_r = (r0 + o_r) < R
@@ -182,20 +263,21 @@ def _xa_kernel(
     tl.store(xa_ptr + o_n[:, None] * R + o_r[None, :], _rounded(b_acc, xa_ptr), mask=m_n[:, None] & m_r[None, :])
 
 
-@triton.jit(do_not_specialize=["N", "R", "dropout_seed", "stride_bm"])
+@triton.jit(do_not_specialize=["N", "R", "dropout_seed", "stride_bm", "qshift"])
 def _fwd_kernel(
     y_ptr, stride_yn, stride_ym,  # out (N, M): y
     u_ptr, stride_un, stride_um,  # out (N, M): u = x̃·W0ᵀ + s·xa·Bᵀ for the backward (HAS_U; else None)
     x_ptr, stride_xn, stride_xk,  # x: token, column
-    w_ptr, stride_wm, stride_wk,  # W0: row, column
+    w_ptr, stride_wm, stride_wk,  # W0: row, column (int8 for WQ = 8; None for WQ = 4)
+    codes_ptr, qmap_ptr, qscale_ptr,  # a quantised W0 (WQ = 4, 8; see _w0), else None
     b_ptr, stride_bm, stride_br,  # B: row, rank
     xa_ptr,  # (N, R), contiguous
     mag_ptr, norm_ptr,  # (M,) each
     bias_ptr,  # (M,) (HAS_BIAS; else None)
-    N, M, K, R, scaling, dropout_p, dropout_seed, inv_keep,
+    N, M, K, R, scaling, dropout_p, dropout_seed, inv_keep, qshift,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_N: tl.constexpr, HAS_U: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, EPI_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, EPI_PREC: tl.constexpr, WQ: tl.constexpr, QDT: tl.constexpr,
 ):
     # y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias                                   (no dropout)
     # y = x·W0ᵀ + bias + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ s·xa·Bᵀ, xa = x̃·Aᵀ    (dropout; PEFT's order)
@@ -209,14 +291,20 @@ def _fwd_kernel(
     m_m = o_m < M
     # 64-bit tile bases, 32-bit offsets inside the tile (fewer registers in the main loop).
     p_x = x_ptr + pid_n * BLOCK_N * stride_xn + (i_n[:, None] * stride_xn + i_k[None, :] * stride_xk)
-    p_wt = w_ptr + pid_m * BLOCK_M * stride_wm + (i_m[None, :] * stride_wm + i_k[:, None] * stride_wk)
+    if WQ == 0:
+        p_wt = w_ptr + pid_m * BLOCK_M * stride_wm + (i_m[None, :] * stride_wm + i_k[:, None] * stride_wk)
     b_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if HAS_DROPOUT:
         b_accd = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         m_k = (k0 + i_k) < K
         b_x = tl.load(p_x, mask=m_n[:, None] & m_k[None, :], other=0.0)
-        b_wt = tl.load(p_wt, mask=m_m[None, :] & m_k[:, None], other=0.0)
+        if WQ == 0:
+            b_wt = tl.load(p_wt, mask=m_m[None, :] & m_k[:, None], other=0.0)
+            p_wt += BLOCK_K * stride_wk
+        else:
+            b_wt = _w0(w_ptr, stride_wm, stride_wk, codes_ptr, qmap_ptr, qscale_ptr, qshift, o_m[None, :],
+                       (k0 + i_k)[:, None], m_m[None, :] & m_k[:, None], K, x_ptr, WQ, QDT)
         if UPCAST:
             b_x = b_x.to(tl.float32)
             b_wt = b_wt.to(tl.float32)
@@ -226,7 +314,6 @@ def _fwd_kernel(
             b_xd = tl.where(_keep_mask(dropout_seed, o_n, k0 + i_k, K, dropout_p), b_x, 0.0).to(b_x.dtype)
             b_accd = tl.dot(b_xd, b_wt, b_accd, input_precision=PREC)
         p_x += BLOCK_K * stride_xk
-        p_wt += BLOCK_K * stride_wk
     # The rank-r term joins the x·W0ᵀ accumulator (a third 128×128 fp32 tile would spill);
     # with dropout it stays apart (those tiles are half as wide). Its fp32 dot runs once per
     # tile at EPI_PREC.
@@ -341,20 +428,21 @@ def _sum_gb(gb_part_ptr, o_n, m_n, o_r, R, N, S):
     return b_gb
 
 
-@triton.jit(do_not_specialize=["N", "R", "S", "dropout_seed"])
+@triton.jit(do_not_specialize=["N", "R", "S", "dropout_seed", "qshift"])
 def _dx_kernel(
     dx_ptr, stride_dxn, stride_dxk,  # out (N, K): dx (HAS_DX: x needs a gradient; else None)
     da_part_ptr,  # out (T, R, K) fp32: per token block, gbᵀ·(x ⊙ keep) (HAS_DA_PART: A trains; else None)
     dy_ptr, stride_dyn, stride_dym,  # dy: token, column
-    w_ptr, stride_wm, stride_wk,  # W0: row, column
+    w_ptr, stride_wm, stride_wk,  # W0: row, column (int8 for WQ = 8; None for WQ = 4)
+    codes_ptr, qmap_ptr, qscale_ptr,  # a quantised W0 (WQ = 4, 8; see _w0), else None
     a_ptr, stride_ar, stride_ak,  # A: rank, column
     x_ptr, stride_xn, stride_xk,  # x: token, column
     gb_part_ptr,  # (S, N, R) fp32 partials of gb = (dy ⊙ g)·B
     mag_ptr, norm_ptr,  # (M,) each
-    N, M, K, R, S, scaling, dropout_p, dropout_seed, inv_keep,
+    N, M, K, R, S, scaling, dropout_p, dropout_seed, inv_keep, qshift,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_N: tl.constexpr, HAS_DX: tl.constexpr, HAS_DA_PART: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, WQ: tl.constexpr, QDT: tl.constexpr,
 ):
     # Without HAS_DX only the dA partials are made; without HAS_DA_PART (a frozen A) only dx.
     # dx = (dy ⊙ g)·W0 + s·gb·A                                            (no dropout)
@@ -373,8 +461,8 @@ def _dx_kernel(
             m_m = o_m < M
             b_dy = tl.load(dy_ptr + o_n[:, None] * stride_dyn + o_m[None, :] * stride_dym,
                            mask=m_n[:, None] & m_m[None, :], other=0.0)
-            b_w = tl.load(w_ptr + o_m[:, None] * stride_wm + o_k[None, :] * stride_wk,
-                          mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_w = _w0(w_ptr, stride_wm, stride_wk, codes_ptr, qmap_ptr, qscale_ptr, qshift, o_m[:, None],
+                      o_k[None, :], m_m[:, None] & m_k[None, :], K, dx_ptr, WQ, QDT)
             b_g = _gate(mag_ptr, norm_ptr, o_m, m_m)
             if UPCAST:
                 b_w = b_w.to(tl.float32)
@@ -462,18 +550,19 @@ def _sum_partials_kernel(
                  mask=m_m)
 
 
-@triton.jit(do_not_specialize=["N", "R"])
+@triton.jit(do_not_specialize=["N", "R", "qshift"])
 def _dm_redo_kernel(
     dm_ptr,  # out (M,): dm of the rows with |m| < G_REDO · n (or NaN m), n > 0; other rows untouched
     dy_ptr, stride_dyn, stride_dym,  # dy: token, column
     x_ptr, stride_xn, stride_xk,  # x: token, column
-    w_ptr, stride_wm, stride_wk,  # W0: row, column
+    w_ptr, stride_wm, stride_wk,  # W0: row, column (int8 for WQ = 8; None for WQ = 4)
+    codes_ptr, qmap_ptr, qscale_ptr,  # a quantised W0 (WQ = 4, 8; see _w0), else None
     xa_ptr,  # (N, R), contiguous
     b_ptr, stride_bm, stride_br,  # B: row, rank
     mag_ptr, norm_ptr,  # (M,) each
-    N, M, K, R, scaling,
+    N, M, K, R, scaling, qshift,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, G_REDO: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, G_REDO: tl.constexpr, WQ: tl.constexpr, QDT: tl.constexpr,
 ):
     # After a backward that read the output y (save_output): dm = Σ_tokens dy ⊙ u / n for the
     # rows where y = g·u carries u too coarsely (not at all where m = 0; below fp16's normal
@@ -500,8 +589,8 @@ def _dm_redo_kernel(
                 m_k = (k0 + i_k) < K
                 b_x = tl.load(x_ptr + o_t[:, None] * stride_xn + (k0 + i_k)[None, :] * stride_xk,
                               mask=m_t[:, None] & m_k[None, :], other=0.0)
-                b_wt = tl.load(w_ptr + o_j[None, :] * stride_wm + (k0 + i_k)[:, None] * stride_wk,
-                               mask=b_redo[None, :] & m_k[:, None], other=0.0)
+                b_wt = _w0(w_ptr, stride_wm, stride_wk, codes_ptr, qmap_ptr, qscale_ptr, qshift, o_j[None, :],
+                           (k0 + i_k)[:, None], b_redo[None, :] & m_k[:, None], K, x_ptr, WQ, QDT)
                 if UPCAST:
                     b_x = b_x.to(tl.float32)
                     b_wt = b_wt.to(tl.float32)

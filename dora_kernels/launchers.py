@@ -3,10 +3,14 @@
 Each launcher plans its launches with ``heuristics`` and issues them through
 ``runtime.launch`` by keyword; ``torch_path`` holds the same functions, with the same
 arguments, in pure torch. Shapes: ``x (N, K)``, ``weight (M, K)``, ``lora_A (R, K)``,
-``lora_B (M, R)``, ``magnitude, norm, bias (M,)``, ``dy = dL/dy (N, M)``.
+``lora_B (M, R)``, ``magnitude, norm, bias (M,)``, ``dy = dL/dy (N, M)``. ``weight`` is a tensor
+or a quantised W0 as the kernels read it (``PackedWeight``, QDoRA).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -54,6 +58,92 @@ def offsets_fit_int32(t: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# W0: a tensor, or quantised (QDoRA)
+
+_QDT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A quantised W0 (M, K) as the kernels read it (``kernels._w0``), dequantised in registers.
+
+    ``wq`` 4: ``codes`` the 4-bit codes packed two a byte over the flattened weight (uint8,
+    (⌈M·K/2⌉,)), ``qmap`` (16,) fp32 their values, ``qscale`` the fp32 absmax of each block of
+    2**``qshift`` elements. ``wq`` 8: ``w`` int8 (M, K), ``qscale`` (M,) fp32 row scales. ``dtype``:
+    the dequantised weight's (values are rounded to it, then to x's dtype)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    wq: int
+    qscale: torch.Tensor
+    codes: Optional[torch.Tensor] = None
+    qmap: Optional[torch.Tensor] = None
+    w: Optional[torch.Tensor] = None
+    qshift: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.qscale.device
+
+    def reads(self) -> list:
+        return [t for t in (self.codes, self.qmap, self.w, self.qscale) if t is not None]
+
+
+def _w0_operands(weight):
+    """(kernel arguments, constexprs, tensors read) of a W0 tensor or ``PackedWeight``."""
+    if isinstance(weight, PackedWeight):
+        return ({"w": weight.w, "codes": weight.codes, "qmap": weight.qmap, "qscale": weight.qscale,
+                 "qshift": weight.qshift}, {"WQ": weight.wq, "QDT": _QDT[weight.dtype]}, weight.reads())
+    return {"w": weight, "codes": None, "qmap": None, "qscale": None, "qshift": 0}, {"WQ": 0, "QDT": None}, [weight]
+
+
+def _wq(weight) -> int:
+    return weight.wq if isinstance(weight, PackedWeight) else 0
+
+
+def nested_absmax(q, code, absmax, offset, block: int) -> torch.Tensor:
+    """A 4-bit weight's absmax (n,) fp32 from its double quantisation: ``code[q] · absmax[i // block]
+    + offset`` (q (n,) uint8, code (256,), absmax, offset fp32), rounded as bitsandbytes rounds it."""
+    n = q.numel()
+    out = torch.empty(n, dtype=torch.float32, device=q.device)
+    if n:
+        cfg = H.absmax_config(n=n)
+        launch(K_._absmax_kernel, cfg.grid, dict(cfg.meta, enable_fp_fusion=False), flops=2 * n, unit="vector",
+               reads=[q, code, absmax, offset], writes=[out], out=out, q=q, code=code, absmax=absmax,
+               offset=offset.reshape(1), n=n, block=int(block))
+    return out
+
+
+def dequantize(weight: PackedWeight, dtype) -> torch.Tensor:
+    """The dense W0 (M, K) in ``dtype`` of a ``PackedWeight``: one pass over its codes."""
+    M, K = weight.shape
+    out = torch.empty((M, K), dtype=dtype, device=weight.device)
+    if M and K:
+        cfg = H.dequant_config(M=M, K=K)
+        args, meta, reads = _w0_operands(weight)
+        launch(K_._dequant_kernel, cfg.grid, dict(cfg.meta, **meta), flops=H.DEQUANT_OPS[weight.wq] * M * K,
+               unit="vector", reads=reads, writes=[out], out=out, M=M, K=K, **args)
+    return out
+
+
+def _gemm_weight(weight, N: int, dtype, dropout_p: float):
+    """W0 as the GEMM kernels over N tokens read it: a tensor as it is; a ``PackedWeight`` in place
+    (dequantised in their registers) up to ``heuristics.DEQUANT_IN_KERNEL_TOKENS`` tokens without
+    dropout, else dequantised once into a dense transient."""
+    if isinstance(weight, PackedWeight) and not H.dequant_in_kernel(N=N, has_dropout=dropout_p > 0):
+        return dequantize(weight, dtype)
+    return weight
+
+
+def _dequant_flops(weight, N: int, block_n: int) -> int:
+    """The dequantising work of a GEMM over ``weight`` in place: every token block dequantises W0."""
+    if not isinstance(weight, PackedWeight):
+        return 0
+    M, K = weight.shape
+    return H.DEQUANT_OPS[weight.wq] * M * K * H.cdiv(N, block_n)
+
+
+# ---------------------------------------------------------------------------------------------
 # dropout mask, weight norm
 
 def dropout_mask(dropout_seed: int, N: int, K: int, dropout_p: float, device) -> torch.Tensor:
@@ -75,13 +165,15 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
     wa = torch.empty((M, R), dtype=torch.float32, device=weight.device) if with_wa else None
     if M == 0:
         return norm, wa
-    arch, _ = target(weight)
-    cfg = H.norm_config(M=M, dtype=weight.dtype, arch=arch, has_wa=with_wa)
+    arch, _ = target(lora_A)
+    cfg = H.norm_config(M=M, dtype=weight.dtype, arch=arch, has_wa=with_wa, wq=_wq(weight))
+    w_args, w_meta, w_reads = _w0_operands(weight)
     meta = dict(cfg.meta, UPCAST=_upcast(weight.dtype) or _upcast(lora_A.dtype),
-                LORA_F32=_lora_f32(weight.dtype, lora_A.dtype), PREC=_prec())
+                LORA_F32=_lora_f32(weight.dtype, lora_A.dtype), PREC=_prec(), **w_meta)
     launch(K_._norm_kernel, cfg.grid, meta, flops=2 * M * K * R * (2 if with_wa else 1) + 3 * M * K,
-           reads=[weight, lora_A, lora_B], writes=[norm] + ([wa] if with_wa else []),
-           norm=norm, wa=wa, w=weight, a=lora_A, b=lora_B, M=M, K=K, R=R, scaling=float(scaling))
+           vector_flops=_dequant_flops(weight, 1, 1), reads=w_reads + [lora_A, lora_B],
+           writes=[norm] + ([wa] if with_wa else []),
+           norm=norm, wa=wa, a=lora_A, b=lora_B, M=M, K=K, R=R, scaling=float(scaling), **w_args)
     return norm, wa
 
 
@@ -133,15 +225,19 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
     if N == 0 or M == 0:
         return y, xa, u, norm, wa
     arch, _ = target(x)
-    cfg = H.fwd_config(N=N, M=M, dtype=x.dtype, arch=arch, has_dropout=dropout_p > 0)
-    meta = dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype), PREC=_prec(), EPI_PREC=_epi_prec())
+    weight = _gemm_weight(weight, N, x.dtype, dropout_p)
+    cfg = H.fwd_config(N=N, M=M, dtype=x.dtype, arch=arch, has_dropout=dropout_p > 0, wq=_wq(weight))
+    w_args, w_meta, w_reads = _w0_operands(weight)
+    meta = dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype), PREC=_prec(), EPI_PREC=_epi_prec(),
+                **w_meta)
     launch(K_._fwd_kernel, cfg.grid, meta,
            flops=2 * N * M * K * (2 if dropout_p > 0 else 1) + 2 * N * M * R + 4 * N * M,
-           reads=[x, weight, lora_B, xa, magnitude, norm] + ([bias] if bias is not None else []),
+           vector_flops=_dequant_flops(weight, N, cfg.meta["BLOCK_N"]),
+           reads=[x] + w_reads + [lora_B, xa, magnitude, norm] + ([bias] if bias is not None else []),
            writes=[y] + ([u] if u is not None else []),
-           y=y, u=u, x=x, w=weight, b=lora_B, xa=xa, mag=magnitude, norm=norm, bias=bias, N=N, M=M, K=K, R=R,
+           y=y, u=u, x=x, b=lora_B, xa=xa, mag=magnitude, norm=norm, bias=bias, N=N, M=M, K=K, R=R,
            scaling=float(scaling), dropout_p=float(dropout_p), dropout_seed=int(dropout_seed),
-           inv_keep=1.0 / (1.0 - dropout_p))
+           inv_keep=1.0 / (1.0 - dropout_p), **w_args)
     return y, xa, u, norm, wa
 
 
@@ -178,7 +274,13 @@ def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *
            gb_part=gb_part, dm_part=dm_part, db_part=db_part, dy=dy, u=u, y=y, xa=xa, b=lora_B, mag=magnitude,
            norm=norm, N=N, M=M, R=R, TOK_PER_PROG=cfg.sizes["TOK_PER_PROG"], COL_PER_PROG=cfg.sizes["COL_PER_PROG"])
 
-    cfg = H.dx_config(N=N, K=K, dtype=x.dtype, arch=arch, has_dropout=dropout_p > 0, has_dx=need_dx)
+    if need_dx:  # (the dm redo, which rarely reads W0, takes a quantised one in place)
+        weight = _gemm_weight(weight, N, x.dtype, dropout_p)
+    w_args, w_meta, w_reads = _w0_operands(weight)
+    # without dx the kernel reads no W0
+    dx_w_args, dx_w_meta = (w_args, w_meta) if need_dx else _w0_operands(None)[:2]
+    cfg = H.dx_config(N=N, K=K, dtype=x.dtype, arch=arch, has_dropout=dropout_p > 0, has_dx=need_dx,
+                      wq=_wq(weight) if need_dx else 0)
     dx = torch.empty((N, K), dtype=x.dtype, device=dev) if need_dx else None
     TA = cfg.sizes["T"] if need_a else 0
     da_part = torch.empty((TA, R, K), dtype=torch.float32, device=dev) if need_a else None
@@ -189,13 +291,14 @@ def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *
     if need_dx or need_a:
         launch(K_._dx_kernel, cfg.grid,
                dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype), SPLIT=_split(x.dtype),
-                    PREC=_prec()),
-               flops=flops, reads=([dy, weight, lora_A] if need_dx else []) + ([x] if need_a else [])
+                    PREC=_prec(), **dx_w_meta),
+               flops=flops, vector_flops=_dequant_flops(weight, N, cfg.meta["BLOCK_N"]) if need_dx else 0,
+               reads=([dy] + w_reads + [lora_A] if need_dx else []) + ([x] if need_a else [])
                + [gb_part, magnitude, norm],
                writes=([dx] if need_dx else []) + ([da_part] if need_a else []),
-               dx=dx, da_part=da_part, dy=dy, w=weight, a=lora_A, x=x, gb_part=gb_part, mag=magnitude, norm=norm,
+               dx=dx, da_part=da_part, dy=dy, a=lora_A, x=x, gb_part=gb_part, mag=magnitude, norm=norm,
                N=N, M=M, K=K, R=R, S=S, scaling=float(scaling), dropout_p=float(dropout_p),
-               dropout_seed=int(dropout_seed), inv_keep=inv_keep)
+               dropout_seed=int(dropout_seed), inv_keep=inv_keep, **dx_w_args)
 
     dA = torch.empty_like(lora_A, memory_format=torch.contiguous_format) if need_a else None
     dB = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
@@ -210,12 +313,14 @@ def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *
         # dm of the rows with |m| < G_REDO · n (none, in DoRA as trained) made again from x and W0
         # (fp32 dots by FMA: exact, and no register spills; their FLOPs are not counted), or by
         # torch where an operand's offsets pass the 31 bits that kernel uses.
-        if all(offsets_fit_int32(t) for t in (x, dy, weight, xa, lora_B)):
+        if all(offsets_fit_int32(t) for t in (x, dy, xa, lora_B) + tuple(w_reads)):
             cfg = H.dm_redo_config(M=M)
-            launch(K_._dm_redo_kernel, cfg.grid, dict(cfg.meta, UPCAST=_upcast(x.dtype), PREC="ieee", G_REDO=G_REDO),
+            launch(K_._dm_redo_kernel, cfg.grid,
+                   dict(cfg.meta, UPCAST=_upcast(x.dtype), PREC="ieee", G_REDO=G_REDO, **w_meta),
                    unit="vector", reads=[magnitude, norm], writes=[],
-                   dm=dm, dy=dy, x=x, w=weight, xa=xa, b=lora_B, mag=magnitude, norm=norm, N=N, M=M, K=K, R=R,
-                   scaling=float(scaling))
+                   dm=dm, dy=dy, x=x, xa=xa, b=lora_B, mag=magnitude, norm=norm, N=N, M=M, K=K, R=R,
+                   scaling=float(scaling), **w_args)
         else:
-            dm_redo_torch(dm, dy, x, weight, lora_B, magnitude, norm, xa, scaling)
+            dense = dequantize(weight, x.dtype) if isinstance(weight, PackedWeight) else weight
+            dm_redo_torch(dm, dy, x, dense, lora_B, magnitude, norm, xa, scaling)
     return dx, dA, dB, dm

@@ -38,7 +38,13 @@ _WARNED: set = set()
 
 
 def _call(fn: str, t: Tensor, *args, **kwargs):
-    """``launchers.<fn>`` where the Triton kernels run on tensors like ``t``, else ``torch_path.<fn>``.
+    """``launchers.<fn>`` where the Triton kernels run on tensors like ``t``, else ``torch_path.<fn>``
+    (see ``_run``)."""
+    return _run(t, lambda: getattr(launchers, fn)(*args, **kwargs), lambda: getattr(torch_path, fn)(*args, **kwargs))
+
+
+def _run(t: Tensor, on_triton, on_torch):
+    """``on_triton()`` where the Triton kernels run on tensors like ``t``, else ``on_torch()``.
 
     In the ``auto`` backend a kernel that cannot compile or launch on this GPU
     (``runtime.KernelUnavailable``) sends the step to the torch path, with one warning per
@@ -46,7 +52,7 @@ def _call(fn: str, t: Tensor, *args, **kwargs):
     """
     if (t.device.type == "meta" and is_recording()) or uses_triton(t):
         try:
-            return getattr(launchers, fn)(*args, **kwargs)
+            return on_triton()
         except KernelUnavailable as e:
             if get_backend() == "triton" or os.environ.get("DORA_KERNELS_STRICT", "0") == "1":
                 raise
@@ -54,8 +60,8 @@ def _call(fn: str, t: Tensor, *args, **kwargs):
             if key not in _WARNED:
                 _WARNED.add(key)
                 warnings.warn(f"dora_kernels: {e}; running the pure-torch path instead (DORA_KERNELS_STRICT=1 "
-                              "raises)", RuntimeWarning, stacklevel=3)
-    return getattr(torch_path, fn)(*args, **kwargs)
+                              "raises)", RuntimeWarning, stacklevel=4)
+    return on_torch()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,4 +371,13 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, *, dro
         save_output = need and save_output and p == 0 and bias is None
         y = dora_forward(x2, weight, lora_A, lora_B, magnitude, scaling, bias, weight_norm, p, seed, norm_grad,
                          need and not save_output, save_output)[0]
-    return y.reshape(*lead, weight.shape[0])
+    return _shaped(y, (*lead, weight.shape[0]), save_output)
+
+
+def _shaped(y: Tensor, shape, saved: bool) -> Tensor:
+    """The op's 2-D output y in the input's leading shape. Not a view where nothing saved aliases y:
+    FSDP2 drops its pre-backward hook from a module output that is a view modified in place. A saved
+    y stays a view, whose shared version counter makes autograd refuse an in-place change to it."""
+    if y.shape == shape:
+        return y
+    return y.view(shape) if saved else torch.ops.aten._unsafe_view(y, shape)

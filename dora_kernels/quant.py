@@ -14,10 +14,14 @@ stores them:
 
 The op on a ``QuantWeight`` computes what it computes on ``dequantize(qw)`` cast to x's dtype
 (bitsandbytes' 4-bit matmul, and its 8-bit one where it dequantises; the int8 matmul's own
-quantisation of x is not copied), with the norm ``‖dequantize(qw) + s·B·A‖`` taken in fp32 over
-blocks of rows. The GEMMs dequantise W0 transiently, as QLoRA's matmul does; nothing saved for
-the backward is a dequantised weight (the backward dequantises again). The functions here that
-dequantise (``dequantize_rows``, ``dequantize``, ``weight_norm``) are pure torch.
+quantisation of x is not copied), with the norm ``‖dequantize(qw) + s·B·A‖`` taken in fp32.
+Where the Triton kernels run, they read W0 as ``packed(qw)`` (``launchers.PackedWeight``: the codes
+as stored, the nested absmax decoded to fp32 first, as bitsandbytes does) and dequantise it in
+registers: the norm always (one pass over the codes), the forward and dx GEMMs up to
+``heuristics.DEQUANT_IN_KERNEL_TOKENS`` tokens without dropout; otherwise those dequantise it once
+into a transient dense W0, as QLoRA's matmul does. The torch path dequantises blocks of rows
+(``dequantize_rows``, ``dequantize``, ``weight_norm``). Nothing saved for the backward is a
+dequantised weight (the backward dequantises again).
 
 ``is_bnb_layer`` / ``why_not`` / ``fused_args`` / ``more_adapters``: what ``fuse`` needs for PEFT
 layers over a bitsandbytes base, read from classes and attributes only (never from weights, which
@@ -35,8 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops, torch_path
-from .backend import uses_triton
+from . import launchers, ops, torch_path
 from .common import FLOATS, gate, recip, redo_rows, rows_packed, u_dtype, xa_dtype
 
 __all__ = ["NestedAbsmax", "QuantWeight", "dequantize", "dequantize_rows", "dora_linear", "weight_norm"]
@@ -225,6 +228,8 @@ def _check_code(code: Tensor, quant_type: str, where: str) -> None:
     """The 16-entry table must be bitsandbytes' own for ``quant_type`` (its kernels use that one)."""
     if not isinstance(code, Tensor) or code.numel() != 16:
         raise ValueError(f"{where}: quant_state.code must be the 16-entry {quant_type} table, got {_name(code)}")
+    if code.is_meta:
+        return  # (a dry run on meta tensors: no values to check)
     seen = _CODE_CHECKED.get(id(code))
     if seen is not None and seen[0]() is code and seen[1:] == (code._version, quant_type):
         return
@@ -405,10 +410,45 @@ def dequantize(qw: QuantWeight, dtype: Optional[torch.dtype] = None) -> Tensor:
     return out
 
 
+def packed(qw: QuantWeight) -> launchers.PackedWeight:
+    """``qw`` as the kernels read it: the codes (or int8 rows) as stored, the absmax in fp32 (a
+    nested one decoded by ``launchers.nested_absmax``: a pass over n / blocksize bytes)."""
+    if qw.quant_type == "int8":
+        return launchers.PackedWeight(qw.shape, qw.dtype, 8, qscale=qw.scb.float(), w=qw.data)
+    if qw.nested is None:
+        absmax = qw.absmax.float()
+    else:
+        nst = qw.nested
+        absmax = launchers.nested_absmax(qw.absmax, nst.code, nst.absmax, nst.offset, nst.blocksize)
+    return launchers.PackedWeight(qw.shape, qw.dtype, 4, qscale=absmax, codes=qw.data, qmap=qw.code.float(),
+                                  qshift=qw.blocksize.bit_length() - 1)
+
+
+def _run(qw: QuantWeight, t: Tensor, on_triton, on_torch):
+    """``ops._run``, for ``qw``: the kernels index a 4-bit W0 with 32 bits, so one of 2**31 elements
+    or more takes the torch path."""
+    M, K = qw.shape
+    if qw.quant_type in FOUR_BIT and M * K >= 2**31:
+        return on_torch()
+    return ops._run(t, on_triton, on_torch)
+
+
+def _dense(qw: QuantWeight, dtype, t: Tensor) -> Tensor:
+    """The whole dequantised W0 in ``dtype``: by the dequantising kernel where the kernels run on
+    tensors like ``t``, else in torch."""
+    return _run(qw, t, lambda: launchers.dequantize(packed(qw), dtype), lambda: dequantize(qw, dtype))
+
+
 def weight_norm(qw: QuantWeight, lora_A: Tensor, lora_B: Tensor, scaling: float, *, with_wa: bool = False):
     """``(n, wa)``: row norms ``n = ‖dequantize(qw) + s·B·A‖`` (out,) fp32 and, with ``with_wa``,
-    ``W0·Aᵀ`` (out, r) fp32 (else None), over blocks of rows: a block is dequantised, gets s·B·A
-    for its rows and is normed; the whole dequantised weight never exists."""
+    ``W0·Aᵀ`` (out, r) fp32 (else None). In the norm kernel, which dequantises the codes in
+    registers, where the kernels run on the adapters' device; else over blocks of rows: a block is
+    dequantised, gets s·B·A for its rows and is normed. The whole dequantised weight never exists."""
+    return _run(qw, lora_A, lambda: launchers.weight_norm(packed(qw), lora_A, lora_B, scaling, with_wa=with_wa),
+                    lambda: _torch_weight_norm(qw, lora_A, lora_B, scaling, with_wa=with_wa))
+
+
+def _torch_weight_norm(qw: QuantWeight, lora_A: Tensor, lora_B: Tensor, scaling: float, *, with_wa: bool = False):
     M, K = qw.shape
     norm = torch.empty(M, dtype=torch.float32, device=qw.device)
     wa = torch.empty((M, lora_A.shape[0]), dtype=torch.float32, device=qw.device) if with_wa else None
@@ -563,26 +603,32 @@ def _torch_backward(dy, x, qw, lora_A, lora_B, magnitude, scaling, norm, xa, *, 
 
 
 class _QuantDoRA(torch.autograd.Function):
-    """The fused op over a ``QuantWeight``. Where the Triton kernels run (``backend.uses_triton``)
-    they run on W0 dequantised for the call; elsewhere ``_torch_forward`` / ``_torch_backward``.
-    The norm goes over row blocks (``weight_norm``). It saves what the unquantised op saves
-    (x, xa, norm, u or y), never a dequantised weight: the backward dequantises again."""
+    """The fused op over a ``QuantWeight``: the launchers on ``packed(qw)`` where the Triton kernels
+    run (``ops._run``, with its fallback), elsewhere ``_torch_forward`` / ``_torch_backward``. It
+    saves what the unquantised op saves (x, xa, norm, u or y), never a dequantised weight: the
+    backward dequantises again."""
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, magnitude, bias, qw, scaling, norm, dropout_p, dropout_seed, norm_grad,
                 need_u, save_output):
         exact = norm_grad == "exact"
-        wa = None
-        if norm is None or exact:
-            norm, wa = weight_norm(qw, lora_A, lora_B, scaling, with_wa=exact)
-        if uses_triton(x):
-            w = dequantize(qw, x.dtype)
-            y, xa, u, _, _ = ops._call("dora_forward", x, x, w, lora_A, lora_B, magnitude, scaling, bias, norm=norm,
-                                       dropout_p=dropout_p, dropout_seed=dropout_seed, with_wa=False, need_u=need_u)
-            del w
-        else:
-            y, xa, u = _torch_forward(x, qw, lora_A, lora_B, magnitude, scaling, bias, norm, dropout_p, dropout_seed,
+
+        def on_triton():
+            pw = packed(qw)
+            n, wa = (norm, None) if norm is not None and not exact else launchers.weight_norm(
+                pw, lora_A, lora_B, scaling, with_wa=exact)
+            y, xa, u, _, _ = launchers.dora_forward(x, pw, lora_A, lora_B, magnitude, scaling, bias, norm=n,
+                                                    dropout_p=dropout_p, dropout_seed=dropout_seed, need_u=need_u)
+            return y, xa, u, n, wa
+
+        def on_torch():
+            n, wa = (norm, None) if norm is not None and not exact else _torch_weight_norm(
+                qw, lora_A, lora_B, scaling, with_wa=exact)
+            y, xa, u = _torch_forward(x, qw, lora_A, lora_B, magnitude, scaling, bias, n, dropout_p, dropout_seed,
                                       need_u)
+            return y, xa, u, n, wa
+
+        y, xa, u, norm, wa = _run(qw, x, on_triton, on_torch)
         ctx.set_materialize_grads(False)
         ctx.qw, ctx.scaling, ctx.dropout_p, ctx.dropout_seed = qw, scaling, dropout_p, dropout_seed
         ctx.norm_grad, ctx.save_output = norm_grad, save_output
@@ -601,20 +647,16 @@ class _QuantDoRA(torch.autograd.Function):
         qw, s = ctx.qw, ctx.scaling
         if need_dx or need_a or need_b or need_m:
             u, y = (None, saved) if ctx.save_output else (saved, None)
-            if uses_triton(x):
-                w = dequantize(qw, x.dtype)
-                dx, dA, dB, dm = ops._call("dora_backward", x, dy if dy.stride(-1) == 1 else dy.contiguous(), x, w,
-                                           lora_A, lora_B, magnitude, s, norm, xa, u=u, y=y,
-                                           dropout_p=ctx.dropout_p, dropout_seed=ctx.dropout_seed, need_dx=need_dx)
-            else:
-                w = None
-                dx, dA, dB, dm = _torch_backward(dy, x, qw, lora_A, lora_B, magnitude, s, norm, xa, u=u, y=y,
-                                                 dropout_p=ctx.dropout_p, dropout_seed=ctx.dropout_seed,
-                                                 need_dx=need_dx)
+            dx, dA, dB, dm = _run(
+                qw, x, lambda: launchers.dora_backward(dy if dy.stride(-1) == 1 else dy.contiguous(), x, packed(qw), lora_A,
+                                                   lora_B, magnitude, s, norm, xa, u=u, y=y, dropout_p=ctx.dropout_p,
+                                                   dropout_seed=ctx.dropout_seed, need_dx=need_dx),
+                lambda: _torch_backward(dy, x, qw, lora_A, lora_B, magnitude, s, norm, xa, u=u, y=y,
+                                        dropout_p=ctx.dropout_p, dropout_seed=ctx.dropout_seed, need_dx=need_dx))
             if ctx.norm_grad == "exact" and (need_a or need_b):
-                w = dequantize(qw, x.dtype) if w is None else w
+                w = _dense(qw, x.dtype, x)
                 dA, dB = ops._exact_norm_grad(dA, dB, dm, w, lora_A, lora_B, magnitude, s, norm, wa)
-            del w
+                del w
         return (dx if need_dx else None, dA if need_a else None, dB if need_b else None, dm if need_m else None,
                 dbias, None, None, None, None, None, None, None, None)
 
@@ -661,7 +703,7 @@ def dora_linear(x, qw: QuantWeight, lora_A, lora_B, magnitude, scaling, bias=Non
         save_output = need and save_output and p == 0 and bias is None
         y = _QuantDoRA.apply(x2, lora_A, lora_B, magnitude, bias, qw, scaling, weight_norm, p, seed, norm_grad,
                              need and not save_output, save_output)
-    return y.reshape(*lead, qw.shape[0])
+    return ops._shaped(y, (*lead, qw.shape[0]), save_output)
 
 
 # ---------------------------------------------------------------------------------------------

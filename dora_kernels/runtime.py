@@ -51,7 +51,9 @@ class Launch:
     """One kernel launch as the launcher issued it.
 
     ``reads``/``writes``: (shape, dtype) of every tensor read or written once (the bytes a
-    roofline counts); ``unit``: what its ``flops`` run on (``UNITS``); ``kernel``: the
+    roofline counts); ``unit``: what its ``flops`` run on (``UNITS``); ``vector_flops``: work on
+    the CUDA cores besides (a quantised W0 dequantised in registers, once per token block that
+    loads it); ``kernel``: the
     ``triton.jit`` function; ``args``: its non-constexpr parameters by name as bound (tensors,
     possibly meta, Python scalars, None), ``meta`` the constexprs and launch options.
     """
@@ -61,6 +63,7 @@ class Launch:
     meta: dict
     flops: int
     unit: str = "tensor"
+    vector_flops: int = 0
     reads: list = field(default_factory=list)
     writes: list = field(default_factory=list)
     kernel: object = field(default=None, repr=False, compare=False)
@@ -185,13 +188,13 @@ def _run(kernel, grid, bound, meta):
         kernel[tuple(grid)](**bound, **meta)
 
 
-def launch(kernel, grid, meta, *, flops=0, unit="tensor", reads=(), writes=(), **args):
+def launch(kernel, grid, meta, *, flops=0, unit="tensor", vector_flops=0, reads=(), writes=(), **args):
     """Run ``kernel`` on ``grid`` with ``args`` bound by name and ``meta`` (see module doc)."""
     meta = dict(meta)
     bound = bind(kernel, meta, args)
     name = kernel_name(kernel)
     if _recorder is not None:
-        _recorder(Launch(name, tuple(grid), meta, int(flops), unit,
+        _recorder(Launch(name, tuple(grid), meta, int(flops), unit, int(vector_flops),
                          [(tuple(t.shape), t.dtype) for t in reads], [(tuple(t.shape), t.dtype) for t in writes],
                          kernel=kernel, args=bound))
         return

@@ -410,9 +410,9 @@ def test_op_matches_f64_and_the_unquantised_op(dtype, dropout, bias, save_output
                             scale=sc["y" if name == "output" else name])
 
 
-def test_norm_goes_over_row_blocks(monkeypatch):
-    """The norm dequantises blocks of rows (never the whole weight), and equals the norm of the
-    dequantised weight."""
+def test_norm_goes_over_row_blocks(monkeypatch, torch_backend):
+    """The torch path's norm dequantises blocks of rows (never the whole weight), and equals the
+    norm of the dequantised weight."""
     q = quantised(Fmt("fp4", nested=True, blocksize=32), 37, 24)
     qw = QuantWeight.from_module(q)
     A, B = 0.3 * torch.randn(R, 37), 0.3 * torch.randn(24, R)
@@ -449,8 +449,10 @@ def test_saves_no_dequantised_weight_and_dequantises_again(fmt, dropout, bias, b
         return t
 
     calls = []
-    real = quant.dequantize
-    monkeypatch.setattr(quant, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # what reads W0: the kernels' operands (``packed``) on the Triton path, ``dequantize`` on torch's
+    read = "packed" if dora_kernels.backend.uses_triton(x) else "dequantize"
+    real = getattr(quant, read)
+    monkeypatch.setattr(quant, read, lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = dora_kernels.dora_linear(x, qw, A, B, m, 2.0, q.bias.detach() if bias else None, dropout_p=dropout)
     forward_calls = len(calls)
@@ -460,6 +462,43 @@ def test_saves_no_dequantised_weight_and_dequantises_again(fmt, dropout, bias, b
                                    + ([((OUT,), q.bias.dtype)] if bias else []))
     y.backward(torch.randn_like(y))
     assert forward_calls >= 1 and len(calls) > forward_calls
+
+
+@pytest.mark.parametrize("fmt", [Fmt("nf4"), Fmt("fp4", False, 32), Fmt("int8")], ids=str)
+@pytest.mark.parametrize("tokens, threshold, dropout, transients", [(5, 256, 0.0, 0), (5, 4, 0.0, 2), (5, 256, 0.2, 2)],
+                         ids=["in-kernel", "transient", "transient-dropout"])
+def test_kernels_dequantise_in_registers_or_once_per_gemm(fmt, tokens, threshold, dropout, transients, monkeypatch):
+    """On the Triton path the norm always reads the codes in registers, and so do the forward and
+    dx GEMMs up to ``DEQUANT_IN_KERNEL_TOKENS`` tokens without dropout; with more, or with dropout,
+    each of the two GEMMs dequantises W0 once into a dense transient. Either way the unquantised
+    kernels' result on the dequantised weight, to the GEMMs' rounding (with the same dropout mask:
+    the kernels' own)."""
+    from dora_kernels import heuristics, launchers
+
+    q = quantised(fmt)
+    qw = QuantWeight.from_module(q)
+    x = torch.randn(tokens, IN, requires_grad=True)
+    A, B = (0.1 * torch.randn(R, IN)).requires_grad_(), (0.1 * torch.randn(OUT, R)).requires_grad_()
+    m = (dequantize(qw).norm(dim=1) + 0.1).requires_grad_()
+    dy = torch.randn(tokens, OUT)
+
+    def step(w):
+        leaves = (x, A, B, m)
+        y = dora_kernels.dora_linear(x, w, A, B, m, 2.0, dropout_p=dropout, dropout_seed=7)
+        return (y.detach(),) + torch.autograd.grad(y, leaves, dy)
+
+    with dora_kernels.use_backend("triton"):
+        want = step(dequantize(qw, x.dtype))
+    made = []
+    real = launchers.dequantize
+    monkeypatch.setattr(launchers, "dequantize", lambda *a, **k: made.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(heuristics, "DEQUANT_IN_KERNEL_TOKENS", threshold)
+    monkeypatch.setattr(quant, "dequantize_rows", None)  # the torch path's dequantisation: not used
+    with dora_kernels.use_backend("triton"):
+        got = step(qw)
+    assert made == [torch.Size((OUT, IN))] * transients
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

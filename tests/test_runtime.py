@@ -89,8 +89,9 @@ def test_every_kernel_takes_its_flags_from_its_tensors():
         tensors = {n[:-4].upper() for n in names if n.endswith("_ptr")}
         flags = {n[4:] for n in names if n.startswith("HAS_") and n not in modes}
         assert flags <= tensors, (name, flags - tensors)
+        # (WQ: the format of a quantised W0, QDT: its dtype)
         assert all(n.startswith(("BLOCK", "HAS_", "UPCAST", "LORA_F32", "SPLIT", "PREC", "EPI_PREC", "GROUP_N",
-                                 "G_REDO")) for n in names if n.isupper() and n not in
+                                 "G_REDO", "WQ", "QDT")) for n in names if n.isupper() and n not in
                    {"N", "M", "K", "R", "S", "TA", "TB", "RK", "MR", "TOK_PER_PROG", "COL_PER_PROG"}), name
 
 
