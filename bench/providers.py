@@ -11,6 +11,11 @@ compiled       ``torch.compile(reference.DoRALinear)`` (default options, automat
 peft_dora      PEFT ``lora.Linear`` from ``get_peft_model`` on a one-Linear module, use_dora=True
 peft_lora      the same with use_dora=False (same r)
 linear         a frozen ``nn.Linear``: forward and input gradient only — the floor
+peft_qdora     PEFT's DoRA layer over a bitsandbytes ``Linear4bit`` (nf4, double quantisation,
+               blocksize 64): ``lora.bnb.Linear4bit``, what PEFT runs today
+fused_qdora    the same after ``dora_kernels.fuse`` (``dora_kernels.quant.dora_linear``)
+peft_qlora     PEFT's LoRA over the same ``Linear4bit`` (QLoRA)
+qlora_floor    the frozen ``Linear4bit``: forward and input gradient — the QDoRA floor
 =============  ===============================================================================
 
 Every provider shares the frozen weight (no bias, as in Llama's projections); the adapters
@@ -22,13 +27,14 @@ dropout may be asked for (``make_tensors(..., bias=True, dropout=p)``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .tables import PROVIDERS, dtype_of, short_dtype  # noqa: F401  (re-exported: P.dtype_of, P.short_dtype)
+from .tables import PROVIDERS, QDORA_FORMAT, dtype_of, short_dtype  # noqa: F401  (re-exported: P.dtype_of, …)
 
 
 class Unavailable(Exception):
@@ -215,6 +221,84 @@ def _linear(t: Tensors) -> nn.Module:
     return layer
 
 
+def _linear4bit(t: Tensors) -> nn.Module:
+    """A frozen bitsandbytes ``Linear4bit`` holding ``t.weight`` quantised (``tables.QDORA_FORMAT``),
+    compute dtype ``t.weight``'s, on ``t.weight``'s device. bitsandbytes' own ``quantize_4bit``
+    packs it; on the meta device (the dry-run trace) that runs its fake kernels, so the packed
+    codes, the uint8 absmax and the nested state have their real shapes and no values."""
+    bnb = _require("bitsandbytes", "bitsandbytes is not installed")
+    fmt = QDORA_FORMAT
+    out_f, in_f = t.weight.shape
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=t.bias is not None, compute_dtype=t.weight.dtype,
+                              compress_statistics=fmt["compress_statistics"], quant_type=fmt["quant_type"],
+                              quant_storage=fmt["quant_storage"], device="meta")
+    qmaps = getattr(bnb.functional, "name2qmap", None)
+    if t.weight.is_meta and isinstance(qmaps, dict) and "dynamic" not in qmaps:
+        # bitsandbytes caches the nested absmax's table on the device it first quantises on and
+        # copies it from there later: a meta one would break every later quantisation
+        qmaps["dynamic"] = bnb.functional.create_dynamic_map()
+    data, state = bnb.functional.quantize_4bit(t.weight.detach().contiguous(), blocksize=fmt["blocksize"],
+                                               compress_statistics=fmt["compress_statistics"],
+                                               quant_type=fmt["quant_type"], quant_storage=fmt["quant_storage"])
+    layer.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=fmt["blocksize"],
+                                     compress_statistics=fmt["compress_statistics"], quant_type=fmt["quant_type"],
+                                     quant_storage=fmt["quant_storage"], module=layer, bnb_quantized=True)
+    layer.quant_state = state
+    if t.bias is not None:
+        layer.bias = _frozen(t.bias)
+    # bitsandbytes' CPU eval path rewrites the weight into an AVX-512 layout that PEFT's QDoRA then
+    # misreads (DORA_SPEC.md): keep one layout on a CPU
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+class _OneQuant(nn.Module):
+    """The module PEFT wraps: one ``proj`` ``Linear4bit``, flagged as transformers flags a model loaded
+    in 4 bits, so PEFT builds its ``lora.bnb.Linear4bit`` (what a QLoRA/QDoRA user gets)."""
+
+    is_loaded_in_4bit = True
+
+    def __init__(self, t: Tensors):
+        super().__init__()
+        self.proj = _linear4bit(t)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_quant(t: Tensors, *, dora: bool) -> nn.Module:
+    """PEFT's LoRA / DoRA layer over ``_linear4bit(t)``, adapters ``t``'s (in their dtype)."""
+    peft = _require("peft", "peft is not installed")
+    base = _OneQuant(t)
+    cfg = peft.LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=t.dropout, target_modules=["proj"],
+                          use_dora=dora)
+    same = t.lora_A.dtype == t.weight.dtype
+    # On meta, PEFT's DoRA set-up deep-copies the Linear4bit, and a Params4bit copy starts from an
+    # empty tensor of the default device: make that meta too
+    where = torch.device("meta") if t.weight.is_meta else contextlib.nullcontext()
+    with where:
+        model = peft.get_peft_model(base, cfg, autocast_adapter_dtype=not same)
+    layer = model.base_model.model.proj
+    for p in layer.parameters():
+        if p.requires_grad and p.dtype != t.lora_A.dtype:
+            p.data = p.data.to(t.lora_A.dtype)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(t.lora_A)
+        layer.lora_B["default"].weight.copy_(t.lora_B)
+        if dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(t.magnitude)
+    return layer
+
+
+def _fused_qdora(t: Tensors) -> nn.Module:
+    dk = _require("dora_kernels", "dora_kernels does not import")
+    layer = _peft_quant(t, dora=True)
+    dk.fuse(layer)
+    if not dk.fused_layers(layer):
+        raise Unavailable("dora_kernels.fuse left the PEFT QDoRA layer unfused")
+    return layer
+
+
 _BUILDERS = {
     "fused": _fused,
     "fused_peft": _fused_peft,
@@ -225,6 +309,10 @@ _BUILDERS = {
     "linear": _linear,
     "fused_dvora": _DVoRA,
     "peft_vera": _peft_vera,
+    "peft_qdora": lambda t: _peft_quant(t, dora=True),
+    "fused_qdora": _fused_qdora,
+    "peft_qlora": lambda t: _peft_quant(t, dora=False),
+    "qlora_floor": _linear4bit,
 }
 
 
@@ -365,7 +453,9 @@ def check_installed(provider: str) -> str | None:
     """Why ``provider`` cannot run in this environment (a missing package), or None."""
     needs = {"fused": ["dora_kernels"], "fused_peft": ["dora_kernels", "peft"], "reference": ["reference"],
              "compiled": ["reference"], "peft_dora": ["peft"], "peft_lora": ["peft"], "linear": [],
-             "fused_dvora": ["dora_kernels"], "peft_vera": ["peft"]}[provider]
+             "fused_dvora": ["dora_kernels"], "peft_vera": ["peft"], "peft_qdora": ["bitsandbytes", "peft"],
+             "fused_qdora": ["dora_kernels", "bitsandbytes", "peft"], "peft_qlora": ["bitsandbytes", "peft"],
+             "qlora_floor": ["bitsandbytes"]}[provider]
     for mod in needs:
         try:
             importlib.import_module(mod)

@@ -117,10 +117,11 @@ def _grid(header: list, body: list) -> list[str]:
 
 
 def case_table(title: str, res: dict, providers: list, modes: list, flops: dict, *, mem_key: str,
-               mem_label: str) -> str:
+               mem_label: str, names: dict | None = None, ratio_labels=("×PEFT-DoRA", "×PEFT-LoRA", "/floor")) -> str:
     """One case's block: per mode the median ms (TFLOP/s) of each provider, then fused's ratios;
-    a memory line for the step."""
-    header = ["mode"] + providers + ["×PEFT-DoRA", "×PEFT-LoRA", "/floor"]
+    a memory line for the step. ``names``: the column title of a provider where it is not its key
+    (the QDoRA providers keyed by their DoRA roles); ``ratio_labels``: the ratio columns' titles."""
+    header = ["mode"] + [(names or {}).get(p, p) for p in providers] + list(ratio_labels)
     body = []
     for mode in modes:
         row = [mode]

@@ -33,7 +33,8 @@ from .flops import MODES, layer_flops
 from .report import fmt
 from .shapes import GROUPS, MODELS, parse_shapes
 from .shapes import defaults as sweep_defaults
-from .tables import KIND_CPU_SHAPES, KIND_FLOOR, KIND_PROVIDERS, KIND_SHAPES, LAYER_KINDS, default_out, nominal_bandwidth
+from .tables import (KIND_CPU_SHAPES, KIND_FLOOR, KIND_PROVIDERS, KIND_SHAPES, LAYER_KINDS, QDORA_FLOOR, QDORA_FORMAT,
+                     QDORA_PROVIDERS, QDORA_ROLES, default_out, nominal_bandwidth)
 from .timing import bench, peak_bytes, saved_bytes
 
 ALL_MODES = MODES + ("norm",)
@@ -65,7 +66,12 @@ def parser() -> argparse.ArgumentParser:
                    help="adapters' dtype: fp32 (PEFT's default on bf16/fp16 models) or the same as x")
     p.add_argument("--modes", type=_names, default=ALL_MODES,
                    help=f"comma list of {', '.join(ALL_MODES)} (norm: the weight-norm kernel alone, GB/s)")
-    p.add_argument("--providers", type=_names, help=f"comma list of {', '.join(P.PROVIDERS)} (default: all)")
+    p.add_argument("--providers", type=_names, help=f"comma list of {', '.join(P.PROVIDERS)} (default: all), or of "
+                                                    f"the QDoRA ones: {', '.join(QDORA_PROVIDERS)}")
+    p.add_argument("--qdora", action="store_true",
+                   help=f"the QDoRA providers ({', '.join(QDORA_PROVIDERS)}: PEFT's DoRA over a bitsandbytes nf4 "
+                        "Linear4bit with double quantisation, blocksize 64, fused by dora_kernels.fuse, PEFT's LoRA "
+                        "over it and the frozen Linear4bit, the floor) instead of the default ones, no model figure"),
     p.add_argument("--out", help="output folder (default ./bench_results/<device>-<date>-<time> under the current "
                                  "directory)")
     g = p.add_mutually_exclusive_group()
@@ -140,6 +146,7 @@ def _list():
     for m, projs in MODELS.items():
         print(f"  {m}: " + ", ".join(f"{k} {i}→{o}" for k, (i, o) in projs.items()))
     print("providers: " + ", ".join(P.PROVIDERS))
+    print("QDoRA providers (--qdora, or by name): " + ", ".join(QDORA_PROVIDERS))
     print("modes: " + ", ".join(ALL_MODES))
 
 
@@ -256,11 +263,28 @@ class Runner:
                 torch.cuda.empty_cache()
         del t
         shown = [p for p in provs if any(k[0] == p for k in res)]
-        flops = {(p, m): layer_flops(m, tokens, shape.in_features, shape.out_features, r, floor=p == "linear")
+        flops = {(p, m): layer_flops(m, tokens, shape.in_features, shape.out_features, r,
+                                     floor=p in ("linear", QDORA_FLOOR))
                  for p in shown for m in modes}
         mem_key, mem_label = ("peak", "peak") if self.device == "cuda" else ("saved", "saved")
-        self.emit(R.case_table(title, res, shown, list(modes), flops, mem_key=mem_key, mem_label=mem_label))
-        self.emit()
+        plain = [p for p in shown if p not in QDORA_PROVIDERS]
+        if plain or not shown:
+            self.emit(R.case_table(title, res, plain, list(modes), flops, mem_key=mem_key, mem_label=mem_label))
+            self.emit()
+        # the QDoRA providers keyed by their DoRA roles (fused, peft_dora, peft_lora, linear), so
+        # bench.report's ratios are fused_qdora's against PEFT's QDoRA, QLoRA and the Linear4bit
+        qdora = {(QDORA_ROLES[p], m): v for (p, m), v in res.items() if p in QDORA_PROVIDERS}
+        if qdora:
+            roles = [QDORA_ROLES[p] for p in QDORA_PROVIDERS if p in shown]
+            fmt = QDORA_FORMAT
+            self.emit(R.case_table(
+                title.replace("ratios of fused", f"QDoRA ({fmt['quant_type']}, "
+                              f"{'double quantisation, ' if fmt['compress_statistics'] else ''}blocksize "
+                              f"{fmt['blocksize']}): ratios of fused_qdora"),
+                qdora, roles, list(modes), {(QDORA_ROLES[p], m): f for (p, m), f in flops.items() if p in QDORA_ROLES},
+                mem_key=mem_key, mem_label=mem_label, names={v: k for k, v in QDORA_ROLES.items()},
+                ratio_labels=("×PEFT-QDoRA", "×PEFT-QLoRA", "/Linear4bit")))
+            self.emit()
         common = dict(name=shape.name, tokens=tokens, in_features=shape.in_features, out_features=shape.out_features,
                       r=r, dtype=P.short_dtype(dtype), adapter_dtype=a_dt)
         for (prov, mode), v in res.items():
@@ -279,6 +303,10 @@ class Runner:
                 for metric, (med, p20, p80) in R.ratios(res, prov, mode, mem_key=mem_key).items():
                     rows.add(provider=prov, mode=mode, metric=metric, unit="x", median=med, p20=p20, p80=p80,
                              **common)
+        for mode in modes:  # fused_qdora's: speedup_vs_peft_dora is against PEFT QDoRA, over_floor the Linear4bit
+            for metric, (med, p20, p80) in R.ratios(qdora, "fused", mode, mem_key=mem_key).items():
+                rows.add(provider="fused_qdora", mode=mode, metric=metric, unit="x", median=med, p20=p20, p80=p80,
+                         **common)
 
     # -- a conv / embedding layer (--layers) -----------------------------------------------------
     def run_kind(self, rows, kind, dtype, adapter_dtype, r, modes):
@@ -461,11 +489,13 @@ def _main(args) -> int:
     ranks = args.ranks or d.ranks
     modes = tuple(args.modes)
     bad = [m for m in modes if m not in ALL_MODES]
-    provs = list(args.providers or P.PROVIDERS)
-    bad += [p for p in provs if p not in P.PROVIDERS]
+    provs = list(args.providers or (QDORA_PROVIDERS if args.qdora else P.PROVIDERS))
+    bad += [p for p in provs if p not in P.PROVIDERS + QDORA_PROVIDERS]
+    if args.qdora and not args.model:
+        args.no_model = True  # the model figure is DoRA's (bench/model.py)
     if bad:
         print(f"error: unknown mode/provider {', '.join(bad)} (modes: {', '.join(ALL_MODES)}; providers: "
-              f"{', '.join(P.PROVIDERS)})", file=sys.stderr)
+              f"{', '.join(P.PROVIDERS + QDORA_PROVIDERS)})", file=sys.stderr)
         return 2
 
     if device == "cpu" and args.threads > 0:
@@ -497,7 +527,7 @@ def _main(args) -> int:
     run.emit("TFLOP/s from counted FLOPs: fwd 2·N·in·out + 2·N·r·(in+out), bwd 2·N·in·out + 4·N·r·(in+out); "
              "floor (linear) 2·N·in·out each way (bench/flops.py)")
 
-    if device == "cpu" and args.quick and args.providers is None:
+    if device == "cpu" and args.quick and args.providers is None and "compiled" in provs:
         provs.remove("compiled")
         run.note("compiled skipped in a CPU --quick run: torch.compile spends ~20 s compiling per graph on a small "
                  "CPU (ask for it with --providers ...,compiled)")

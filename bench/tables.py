@@ -48,7 +48,19 @@ FLOOR = "linear"  # a frozen nn.Linear: forward and input gradient, the floor no
 RATIO_PROVIDERS = ("fused", "fused_peft")  # the providers whose ratios to the floor and the peers are reported
 # the dry-run trace runs every provider but torch.compile (which does not run on meta tensors)
 TRACE_PROVIDERS = tuple(p for p in PROVIDERS if p != "compiled")
-ALL_PROVIDERS = PROVIDERS + DVORA_PROVIDERS
+# QDoRA over a bitsandbytes 4-bit base (``QDORA_FORMAT``): PEFT's DoRA layer (what PEFT runs today),
+# the same after ``dora_kernels.fuse``, PEFT's LoRA (QLoRA) and the frozen ``Linear4bit`` (forward and
+# input gradient: the floor); asked for by name (``--providers``) or all four (``--qdora``)
+QDORA_PROVIDERS = ("peft_qdora", "fused_qdora", "peft_qlora", "qlora_floor")
+QDORA_FLOOR = "qlora_floor"
+# each QDoRA provider's place among the DoRA providers (the ratio columns and report.ratios use the latter)
+QDORA_ROLES = {"fused_qdora": "fused", "peft_qdora": "peft_dora", "peft_qlora": "peft_lora", "qlora_floor": FLOOR}
+# the 4-bit format: nf4, double quantisation (absmax in uint8, bitsandbytes' nested blocks of 256),
+# blocksize 64, uint8 storage; the compute dtype is the run's dtype (bf16 on a GPU and in the trace)
+QDORA_FORMAT = dict(quant_type="nf4", compress_statistics=True, blocksize=64, quant_storage=torch.uint8)
+QDORA_STEP_TOKENS = (4096,)  # the trace's --qdora step target
+QDORA_EVAL_TOKENS = (1, 16, 64, 256)  # and its eval-forward target
+ALL_PROVIDERS = PROVIDERS + DVORA_PROVIDERS + QDORA_PROVIDERS
 MODES = ("fwd", "bwd", "step", "eval")
 
 # layers other than Linear (``--layers``): a PEFT Conv2d / Embedding DoRA layer after

@@ -35,7 +35,9 @@ Providers: ``fused`` (``dora_kernels.DoRALinear``: eval caches the norm), ``fuse
 layer after ``dora_kernels.fuse``), ``reference`` (``reference.DoRALinear``, PEFT's arithmetic,
 eager), ``peft_dora``, ``peft_lora`` (PEFT's ``lora.Linear``) and ``linear`` (frozen ``nn.Linear``),
 built by ``bench.providers`` as the timed benchmark builds them, on meta tensors. Shapes, token
-counts, dtypes, providers and the GPUs' figures come from ``bench.tables``.
+counts, dtypes, providers and the GPUs' figures come from ``bench.tables``. ``--qdora``: the QDoRA
+providers (``peft_qdora``, ``fused_qdora``, ``peft_qlora``, ``qlora_floor``) on a bitsandbytes nf4
+base, bitsandbytes' ops costed by ``BNB_RULE``, and the QDoRA targets (``QDORA_TARGETS``).
 """
 
 from __future__ import annotations
@@ -215,6 +217,129 @@ def _custom_impl(qualname):
     return opdef._init_fn
 
 
+# bitsandbytes' 4-bit ops (``torch.ops.bitsandbytes.*``; their fake kernels run on meta tensors).
+# dequantize_4bit / dequantize_blockwise need no rule of their own: the generic one charges one
+# launch reading the packed codes (n/2 bytes) and the absmax and writing the dequantised weight
+# (n × its element size), n other FLOPs. gemm_4bit (Linear4bit's forward in bitsandbytes 0.50) is
+# two different things on a GPU, chosen by bitsandbytes' CUDA dispatch (``bnb_gemm_4bit_custom``).
+BNB_RULE = ("bitsandbytes ops (torch.ops.bitsandbytes.*, run on meta by their fake kernels): dequantize_4bit / "
+            "dequantize_blockwise: one launch, bytes = packed codes read (n/2) + absmax read + dequantised weight "
+            "written (n x element size, 2 bytes in bf16), n other FLOPs; gemm_4bit (Linear4bit forward): as "
+            "bitsandbytes 0.50's CUDA dispatch picks (backends/cuda/ops.py _gemm_4bit_use_custom_cuda, ported for "
+            "sm80/sm90: always at <= 4 tokens, never above 1536, a shape/occupancy table between), either its fused "
+            "4-bit kernel, one launch reading x, the packed codes, the uint8 absmax, the nested absmax and table and "
+            "writing y, 2*M*N*K matmul FLOPs charged at the cuBLAS rate (an optimistic bound for bitsandbytes' "
+            "SIMT/mma.sync kernel), or dequantise + cuBLAS: dequantize_blockwise of the absmax, the offset add, "
+            "dequantize_4bit, the matmul (x and the dequantised weight read, y written); gemv_4bit: one launch, the "
+            "bytes it reads (x, packed codes, absmax, table) and y written, 2*M*N*K matmul FLOPs; the backward's "
+            "dequantize_4bit and matmul are the ops bitsandbytes issues")
+BNB_CUSTOM_MAX_M = 1536  # bitsandbytes 0.50 (CUDA): dequantise + F.linear above this many tokens
+BNB_CUSTOM_FLOOR_M = 4  # and its fused kernel at this many or fewer, on every arch
+
+
+def bnb_gemm_4bit_custom(M: int, N: int, K: int, blocksize: int, dtype, arch, sms: int) -> bool:
+    """Whether bitsandbytes 0.50's ``gemm_4bit`` runs its fused 4-bit kernel (True) or dequantises
+    the weight and calls ``F.linear`` (False) for x (M, K) and a 4-bit W (N, K) on a GPU of compute
+    capability ``arch`` with ``sms`` SMs: ``backends/cuda/ops.py`` (the ``gemm_4bit`` CUDA kernel's
+    checks and ``_gemm_4bit_use_custom_cuda``), ported for sm80 and sm90, the arches the trace
+    predicts for; any other arch gets the rules every arch shares (fused at M ≤ 4 only)."""
+    if M > BNB_CUSTOM_MAX_M or K % blocksize:
+        return False
+    if M <= BNB_CUSTOM_FLOOR_M:
+        return True
+    major, minor = (tuple(arch) + (0, 0))[:2] if arch else (0, 0)
+    if dtype == torch.float32 or major < 7:
+        return M < 8
+    sm80, sm90 = (major, minor) == (8, 0), major == 9
+    if not (sm80 or sm90):
+        return False
+    n_blocks = (N + 63) // 64
+    if N * K < 4 * 1024 * 1024:  # small weights: dequantising costs more than it saves
+        if K * 2 < N:
+            low_wave = n_blocks * 3 < sms
+            return M <= ((1536 if low_wave else 512) if sm80 else (512 if low_wave else 320))
+        quarter_wave = n_blocks * 4 <= sms
+        if sm80 and quarter_wave:
+            return M <= (32 if n_blocks * 8 <= sms else 128) if K >= N else M <= 384
+        if quarter_wave:
+            return M <= 32
+        return M <= 16 if n_blocks * 2 <= sms else False
+    if M > 512:
+        return False
+    if M < 8:
+        if M >= 6 and n_blocks >= (36 if sm90 else 48):
+            lt_75, lt_60 = n_blocks * 4 < sms * 3, n_blocks * 5 < sms * 3
+            if K > N and lt_75:
+                return False
+            if K == N and ((sm80 and lt_60) or (sm90 and lt_75 and not lt_60)):
+                return False
+        return True
+    if sm80:
+        if n_blocks >= sms * 3:
+            return M <= 128
+        if n_blocks >= sms:
+            return M <= (64 if K < N else 32)
+        if K >= N * 3 and n_blocks * 4 > sms:
+            return False
+        if K == N and n_blocks >= 48 and n_blocks * 5 < sms * 3:
+            return False
+        if n_blocks * 2 < sms:
+            if K <= N:
+                return M <= 128
+            if n_blocks * 3 >= sms:
+                return False
+        if n_blocks >= sms // 2 and K < N:
+            return M <= 128
+        return M <= 16
+    if n_blocks >= sms * 3:
+        return M <= 64
+    if n_blocks >= sms * 2:
+        return M <= 48
+    if n_blocks >= sms:
+        return M <= 32
+    if n_blocks >= sms // 2:
+        return False if K >= N and n_blocks * 4 < sms * 3 else M <= 16
+    return False
+
+
+def _bound(func, args, kwargs) -> dict:
+    """An op's arguments by their schema names."""
+    got = dict(zip((a.name for a in func._schema.arguments), args))
+    got.update(kwargs)
+    return got
+
+
+def _bnb_events(name, func, args, kwargs, out):
+    """The launches of a bitsandbytes op under ``BNB_RULE``, or None for the generic rule."""
+    a = _bound(func, args, kwargs)
+    if name == "gemv_4bit":
+        A, (n_out, k) = a["A"], a["shapeB"]
+        m = A.numel() // k
+        nbytes = sum(distinct_bytes(t) for t in _tensors(a)) + distinct_bytes(out)
+        return [Event("aten", "gemv_4bit", 2 * m * n_out * k, 0, nbytes, A.dtype)]
+    if name != "gemm_4bit":
+        return None
+    A, packed, (n_out, k) = a["A"], a["B"], a["shapeB"]
+    m, bias, q8 = A.numel() // k, a.get("bias"), a.get("absmax_8bit")
+    mm, extra = 2 * m * n_out * k, (m * n_out if bias is not None else 0)
+    arch, sms = runtime.target(A)
+    if bnb_gemm_4bit_custom(m, n_out, k, a["blocksize"], A.dtype, arch, sms):
+        nbytes = sum(distinct_bytes(t) for t in _tensors(a)) + distinct_bytes(out)
+        return [Event("aten", "gemm_4bit", mm, extra, nbytes, A.dtype)]
+    n, el = n_out * k, A.element_size()
+    absmax = a["absmax"]  # fp32: the nested absmax (with absmax_8bit) or the absmax itself
+    blocks = q8.numel() if q8 is not None else absmax.numel()
+    ev = []
+    if q8 is not None:  # the uint8 absmax dequantised (blocks of 256), then the offset added
+        ev.append(Event("aten", "gemm_4bit.dequantize_blockwise", 0, blocks, distinct_bytes(q8)
+                        + distinct_bytes(absmax) + distinct_bytes(a["absmax_code"]) + 4 * blocks, torch.float32))
+        ev.append(Event("aten", "gemm_4bit.add", 0, blocks, 8 * blocks + 4, torch.float32))
+    ev.append(Event("aten", "gemm_4bit.dequantize_4bit", 0, n, distinct_bytes(packed) + 4 * blocks + n * el, A.dtype))
+    ev.append(Event("aten", "gemm_4bit.linear", mm, extra, distinct_bytes(A) + n * el + distinct_bytes(out)
+                    + (distinct_bytes(bias) if bias is not None else 0), A.dtype))
+    return ev
+
+
 class OpCounter(TorchDispatchMode):
     """Counts every ATen op that touches a meta tensor as one launch (see module doc).
 
@@ -242,6 +367,11 @@ class OpCounter(TorchDispatchMode):
         outs = list(_tensors(out))
         if not any(t.device.type == "meta" for t in ins + outs):
             return  # host work (the dropout seed on the CPU)
+        if func._schema.name.startswith("bitsandbytes::"):
+            got = _bnb_events(name, func, args, kwargs, out)
+            if got is not None:
+                self.events.extend(got)
+                return
         if name in _FREE:
             return
         if outs and all(t.numel() == 0 for t in outs):
@@ -283,7 +413,7 @@ def count(fn):
         # (AccumulateGrad copies a gradient that something else still references).
         # Each launcher states what its FLOPs run on (runtime.UNITS).
         mm = lc.flops if lc.unit == "tensor" else 0
-        other = lc.flops if lc.unit == "vector" else 0
+        other = (lc.flops if lc.unit == "vector" else 0) + lc.vector_flops  # (+ in-register dequantising)
         dtype = lc.reads[0][1] if lc.reads else torch.float32
         x_like = [a for a in lc.args.values() if isinstance(a, torch.Tensor)]
         if x_like:
@@ -514,7 +644,9 @@ def constants(gpus=None) -> dict:
                     "predicted_ms with the Triton GEMM efficiency below, predicted_ms_at_cublas_parity at 1.0",
             "triton_gemm_efficiency": {"rule": TRITON_GEMM_RULE,
                                        "points": [[f, e, src] for f, e, src in TRITON_GEMM_POINTS],
-                                       "sources": list(TRITON_GEMM_SOURCES)}}
+                                       "sources": list(TRITON_GEMM_SOURCES)},
+            "bitsandbytes": {"rule": BNB_RULE, "gemm_4bit_custom_max_tokens": BNB_CUSTOM_MAX_M,
+                             "gemm_4bit_custom_floor_tokens": BNB_CUSTOM_FLOOR_M}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,10 +661,14 @@ COLUMNS = ["provider", "mode", "layer", "tokens", "in_features", "out_features",
 PARITY = "_at_cublas_parity"  # the suffix of the columns that run the Triton GEMMs at cuBLAS's rate
 
 
-def _case_rows(traces, providers, specs, fields, floor=FLOOR):
+PEERS = ("peft_dora", "peft_lora")  # the providers the ratio_peft_dora / ratio_peft_lora columns divide by
+
+
+def _case_rows(traces, providers, specs, fields, floor=FLOOR, peers=PEERS):
     """The CSV rows of one case: ``traces[provider][gpu]`` (``LayerTrace``) per mode and GPU;
     ``fields``: the case's columns (layer, tokens, in/out features, r, dtypes, bias, dropout);
-    ``floor``: the provider the ``ratio_floor`` columns divide by."""
+    ``floor``: the provider the ``ratio_floor`` columns divide by, ``peers`` the ones the
+    ``ratio_peft_dora`` / ``ratio_peft_lora`` columns divide by (the QDoRA trace: PEFT's QDoRA and QLoRA)."""
     rows = []
     for g in specs:
         for mode in MODES:
@@ -557,18 +693,19 @@ def _case_rows(traces, providers, specs, fields, floor=FLOOR):
                     "mm_flops": c.mm_flops, "other_flops": c.other_flops, "flops": c.mm_flops + c.other_flops,
                     "hbm_bytes": c.bytes, "saved_bytes": 0 if mode == "eval" else tr.saved,
                     "trainable_params": tr.trainable, "gpu": g,
-                    "predicted_ms": round(ms, 5), "ratio_floor": ratio(floor), "ratio_peft_dora": ratio("peft_dora"),
-                    "ratio_peft_lora": ratio("peft_lora"),
+                    "predicted_ms": round(ms, 5), "ratio_floor": ratio(floor), "ratio_peft_dora": ratio(peers[0]),
+                    "ratio_peft_lora": ratio(peers[1]),
                     "triton_gemm_eff": "" if eff is None else round(eff, 4),
                     "predicted_ms" + PARITY: round(par[p] * 1e3, 5), "ratio_floor" + PARITY: ratio(floor, par),
-                    "ratio_peft_dora" + PARITY: ratio("peft_dora", par),
-                    "ratio_peft_lora" + PARITY: ratio("peft_lora", par), "kind": "prediction"})
+                    "ratio_peft_dora" + PARITY: ratio(peers[0], par),
+                    "ratio_peft_lora" + PARITY: ratio(peers[1], par), "kind": "prediction"})
     return rows
 
 
 def run(shapes, tokens, *, r=16, dtype="bf16", adapter_dtype=None, bias=False, dropout=0.0, providers=PROVIDERS,
-        gpus=tuple(GPUS), log=None, traces_out=None):
-    """Trace every (shape, tokens, provider) and return the CSV rows (one per mode and GPU).
+        gpus=tuple(GPUS), log=None, traces_out=None, floor=FLOOR, peers=PEERS):
+    """Trace every (shape, tokens, provider) and return the CSV rows (one per mode and GPU); the
+    ratio columns divide by ``floor`` and ``peers`` (``_case_rows``).
 
     ``shapes``: ``bench.shapes.Shape`` or (name, in, out); ``gpus``: names of ``GPUS`` or a
     {name: spec} of specs like theirs (the acceptance run passes this GPU's; a spec with
@@ -590,7 +727,8 @@ def run(shapes, tokens, *, r=16, dtype="bf16", adapter_dtype=None, bias=False, d
             traces = {}
             for p in providers:
                 for (arch, sms), gs in arch_gpus.items():
-                    if p.startswith("fused") or not traces.get(p):
+                    # the fused paths plan per arch; bitsandbytes' 4-bit matmul is dispatched per arch
+                    if p.startswith("fused") or p in TB.QDORA_PROVIDERS or not traces.get(p):
                         tr = trace_layer(p, shape, n, arch=arch, num_sms=sms, **case)
                     for g in gs:
                         traces.setdefault(p, {})[g] = tr
@@ -598,7 +736,7 @@ def run(shapes, tokens, *, r=16, dtype="bf16", adapter_dtype=None, bias=False, d
                             traces_out[(name, n, p, g)] = tr
             rows += _case_rows(traces, providers, specs,
                                dict(layer=name, tokens=n, in_features=fin, out_features=fout, r=r, dtype=dtype,
-                                    adapter_dtype=adapter_dtype, bias=int(bias), dropout=dropout))
+                                    adapter_dtype=adapter_dtype, bias=int(bias), dropout=dropout), floor, peers)
             if log:
                 log(f"  {name:11s} {fin:>5d}->{fout:<5d} tokens {n:>5d}: {time.perf_counter() - t0:5.2f} s")
     return rows
@@ -770,14 +908,16 @@ def _fmt_bytes(b):
     return f"{b / 2**20:.1f}"
 
 
-def table(rows, gpu="H100-SXM", mode="step") -> str:
-    """A markdown table of one GPU and mode: per shape and token count, one line per provider."""
+def table(rows, gpu="H100-SXM", mode="step", peers=("PEFT DoRA", "PEFT LoRA")) -> str:
+    """A markdown table of one GPU and mode: per shape and token count, one line per provider;
+    ``peers``: what the ``ratio_peft_dora`` / ``ratio_peft_lora`` columns divide by."""
     sel = [r for r in rows if r["gpu"] == gpu and r["mode"] == mode]
+    d, lo = peers
     lines = [f"### {gpu}, mode `{mode}` (predicted; GEMM eff: the Triton GEMMs' assumed efficiency vs cuBLAS, "
              "the parity columns the bound at 1.0)", "",
-             "| layer | tokens | provider | launches | GFLOP | HBM MiB | saved MiB | GEMM eff | ms | x floor "
-             "| x PEFT DoRA | x PEFT LoRA | ms at parity | x floor at parity | x PEFT DoRA at parity "
-             "| x PEFT LoRA at parity |",
+             f"| layer | tokens | provider | launches | GFLOP | HBM MiB | saved MiB | GEMM eff | ms | x floor "
+             f"| x {d} | x {lo} | ms at parity | x floor at parity | x {d} at parity "
+             f"| x {lo} at parity |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sel:
         eff = r.get("triton_gemm_eff", "")
@@ -896,6 +1036,121 @@ def dvora_text(rows_dvora, rows_dora16) -> str:
     return "\n".join(lines)
 
 
+QDORA_PEERS = ("peft_qdora", "peft_qlora")  # the QDoRA trace's ratio_peft_dora / ratio_peft_lora
+QDORA_PEER_NAMES = ("PEFT QDoRA", "PEFT QLoRA")
+QDORA_DORA_LIMIT = 0.5  # fused QDoRA step <= half PEFT QDoRA's
+# (name, mode, tokens, ratio column, limit): the QDoRA targets, judged per layer and token count
+QDORA_TARGETS = (
+    (f"fused QDoRA step <= {QDORA_DORA_LIMIT}x PEFT QDoRA ({', '.join(map(str, TB.QDORA_STEP_TOKENS))} tokens)",
+     "step", TB.QDORA_STEP_TOKENS, "ratio_peft_dora", QDORA_DORA_LIMIT),
+    (f"fused QDoRA step <= PEFT QLoRA ({', '.join(map(str, TB.QDORA_STEP_TOKENS))} tokens)",
+     "step", TB.QDORA_STEP_TOKENS, "ratio_peft_lora", 1.0),
+    (f"fused QDoRA eval forward <= bitsandbytes QLoRA's (PEFT QLoRA eval; "
+     f"{', '.join(map(str, TB.QDORA_EVAL_TOKENS))} tokens)", "eval", TB.QDORA_EVAL_TOKENS, "ratio_peft_lora", 1.0),
+)
+
+
+def run_qdora(shapes, tokens=None, *, r=16, dtype="bf16", adapter_dtype=None, bias=False, dropout=0.0,
+              gpus=tuple(GPUS), log=None):
+    """``run`` for the QDoRA providers (``bench.tables.QDORA_PROVIDERS``: a bitsandbytes 4-bit base in
+    ``QDORA_FORMAT``), ratios to ``qlora_floor`` and to PEFT's QDoRA and QLoRA; by default at the
+    step's and the eval targets' token counts. Returns (rows, notes): a provider whose package is
+    missing is left out, with a note ("unavailable: bitsandbytes is not installed")."""
+    tokens = tuple(tokens) if tokens else tuple(sorted(set(TB.QDORA_STEP_TOKENS) | set(TB.QDORA_EVAL_TOKENS)))
+    notes, providers = [], []
+    for p in TB.QDORA_PROVIDERS:
+        why = P.check_installed(p)
+        if why:
+            notes.append(f"{p} unavailable: {why}")
+        else:
+            providers.append(p)
+    if not providers:
+        return [], notes
+    rows = run(shapes, tokens, r=r, dtype=dtype, adapter_dtype=adapter_dtype, bias=bias, dropout=dropout,
+               providers=tuple(providers), gpus=gpus, log=log, floor=TB.QDORA_FLOOR, peers=QDORA_PEERS)
+    return rows, notes
+
+
+def qdora_cases(rows, gpu="H100-SXM") -> list:
+    """Per target of ``QDORA_TARGETS``, layer and token count: (target, layer, tokens, ratio or None,
+    limit, met or None, ratio at cuBLAS parity or None); None where the rows do not cover it."""
+    out = []
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    for name, mode, tokens, column, limit in QDORA_TARGETS:
+        for layer in layers:
+            for n in tokens:
+                got = _find(rows, provider="fused_qdora", mode=mode, layer=layer, tokens=n, gpu=gpu)
+                v = got[0].get(column, "") if got else ""
+                if v == "":
+                    out.append((name, layer, n, None, limit, None, None))
+                    continue
+                par = got[0].get(column + PARITY, "")
+                out.append((name, layer, n, v, limit, v <= limit, None if par == "" else par))
+    return out
+
+
+def qdora_targets(rows, gpu="H100-SXM") -> list:
+    """[(target, met, detail)] of ``QDORA_TARGETS`` (met: every layer and token count; None where
+    no row covers it), the worst case in the detail with its figure at cuBLAS parity."""
+    out = []
+    cases = qdora_cases(rows, gpu)
+    for name, _, _, _, limit in QDORA_TARGETS:
+        mine = [c for c in cases if c[0] == name and c[3] is not None]
+        if not mine:
+            out.append((name, None, "not covered (no fused_qdora rows or no peer rows)"))
+            continue
+        worst = max(mine, key=lambda c: c[3])
+        missed = sum(not c[5] for c in mine)
+        detail = (f"worst {worst[3]:.3f}x at {worst[1]} N={worst[2]} ({(worst[3] / limit - 1) * 100:+.1f}% vs "
+                  f"target); {missed} of {len(mine)} cases missed")
+        pars = [c for c in mine if c[6] is not None]
+        if pars:
+            wp = max(pars, key=lambda c: c[6])
+            detail += (f"; at cuBLAS parity worst {wp[6]:.3f}x at {wp[1]} N={wp[2]} "
+                       f"({'met' if wp[6] <= limit else 'missed'} there)")
+        out.append((name, missed == 0, detail))
+    return out
+
+
+def _verdict(ok) -> str:
+    return "not covered" if ok is None else ("met" if ok else "MISSED")
+
+
+def qdora_text(rows, gpu="H100-SXM") -> str:
+    """The QDoRA targets (summary and per case), the fused path's launches and the saved bytes."""
+    lines = [f"Targets ({gpu}; `x PEFT QDoRA` / `x PEFT QLoRA` = fused_qdora's predicted time over theirs; "
+             "judged on the predicted time, the figure with the Triton GEMMs at cuBLAS parity beside it):", ""]
+    lines += [f"- **{_verdict(ok)}**: {name} — {detail}" for name, ok, detail in qdora_targets(rows, gpu)]
+    lines += ["", "| target | layer | tokens | ratio | limit | verdict | ratio at cuBLAS parity |",
+              "|---|---|---:|---:|---:|---|---:|"]
+    for name, layer, n, v, limit, ok, par in qdora_cases(rows, gpu):
+        lines.append(f"| {name} | {layer} | {n} | {'-' if v is None else v} | {limit} | {_verdict(ok)} | "
+                     f"{'-' if par is None else par} |")
+    step = [r for r in rows if r["gpu"] == gpu and r["mode"] == "step" and r["tokens"] in TB.QDORA_STEP_TOKENS]
+    fused = [r for r in step if r["provider"] == "fused_qdora"]
+    if fused:
+        lines += ["", "How the fused path ran (launches of the step, as the package's code issued them on meta "
+                  "tensors under the launch recorder: the branch a GPU takes):", ""]
+        lines += [f"- {r['layer']} N={r['tokens']}: {r['launches']} launches, {r['triton_launches']} Triton, "
+                  f"{r['aten_launches']} torch ops" for r in fused]
+    layers = list(dict.fromkeys(r["layer"] for r in step))
+    if layers:
+        lines += ["", f"Saved for backward (MiB, the output included; parameters and the 4-bit weight excluded), "
+                  f"step at {', '.join(map(str, TB.QDORA_STEP_TOKENS))} tokens:", "",
+                  "| layer | tokens | " + " | ".join(TB.QDORA_PROVIDERS) + " | fused / PEFT QLoRA |",
+                  "|---|---:|" + "---:|" * (len(TB.QDORA_PROVIDERS) + 1)]
+        for layer in layers:
+            for n in TB.QDORA_STEP_TOKENS:
+                got = {r["provider"]: r["saved_bytes"] for r in step if r["layer"] == layer and r["tokens"] == n}
+                if not got:
+                    continue
+                f, lo = got.get("fused_qdora"), got.get("peft_qlora")
+                lines.append(f"| {layer} | {n} | " + " | ".join(
+                    _fmt_bytes(got[p]) if p in got else "-" for p in TB.QDORA_PROVIDERS)
+                    + f" | {round(f / lo, 4) if f is not None and lo else '-'} |")
+    return "\n".join(lines)
+
+
 def write_tables(rows, out_dir, gpus=None):
     """trace.csv (``COLUMNS``) and trace_constants.json into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
@@ -964,6 +1219,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dvora", action="store_true",
                     help=f"DVoRA rows: fused DVoRA, PEFT VeRA and fused DoRA at --r (default {DVORA_R}), fused DoRA at "
                          "r = 16, the Llama-3-8B projections at 4096 tokens, and the DVoRA target")
+    q_tokens = ", ".join(map(str, sorted(set(TB.QDORA_STEP_TOKENS) | set(TB.QDORA_EVAL_TOKENS))))
+    ap.add_argument("--qdora", action="store_true",
+                    help="QDoRA rows: PEFT QDoRA, fused QDoRA (PEFT's after dora_kernels.fuse), PEFT QLoRA and the "
+                         "frozen Linear4bit (the floor) on a bitsandbytes nf4 base (double quantisation, blocksize "
+                         f"64), the Llama-3-8B projections at {q_tokens} tokens (--tokens: others), and the QDoRA "
+                         "targets")
     ap.add_argument("--layers", default=None, metavar="conv,embedding",
                     help="trace DoRA on other layer kinds instead of the Linear projections: conv (a Stable-Diffusion "
                          "UNet 3x3 Conv2d) and/or embedding (a 128k-vocab Embedding); providers fused (PEFT after "
@@ -982,6 +1243,8 @@ def main(argv=None) -> int:
     tokens = tuple(args.tokens) if args.tokens else (QUICK_TOKENS if args.quick else TOKENS)
     if args.dvora:
         return _main_dvora(args, argv, specs, shapes)
+    if args.qdora:
+        return _main_qdora(args, argv, specs, shapes)
     kinds = [k for k in (args.layers or "").split(",") if k.strip()]
     bad = [k for k in kinds if k not in TB.LAYER_KINDS]
     if bad:
@@ -1032,6 +1295,52 @@ def _main_dvora(args, argv, specs, shapes) -> int:
         f.write("\n".join(md))
     print(text)
     print(f"\nwrote {out}/trace.csv, trace.md")
+    return 0
+
+
+def _main_qdora(args, argv, specs, shapes) -> int:
+    out = args.out or TB.default_out("trace_qdora_quick" if args.quick else "trace_qdora")
+    shapes = [s for s in shapes if s.name.startswith("8B")]
+    print("Dry-run trace: QDoRA (meta tensors; every figure below is a prediction)")
+    print(constants_text(specs))
+    print(BNB_RULE)
+    t0 = time.perf_counter()
+    rows, notes = run_qdora(shapes, args.tokens, r=args.r, dtype=args.dtype, adapter_dtype=args.adapter_dtype,
+                            bias=args.bias, dropout=args.dropout, gpus=specs, log=print)
+    elapsed = time.perf_counter() - t0
+    for n in notes:
+        print(f"note: {n}")
+    if not rows:
+        print("no QDoRA provider can run here: nothing written", file=sys.stderr)
+        return 2
+    write_tables(rows, out, specs)
+    text = qdora_text(rows)
+    fmt = TB.QDORA_FORMAT
+    a_dtype = rows[0]["adapter_dtype"]
+    md = ["# Dry-run trace: QDoRA (predictions, not measurements)", "",
+          f"Command: `python -m bench --trace {' '.join(argv)}` ({elapsed:.1f} s); torch {torch.__version__}; "
+          "counted on meta tensors (see `bench/trace.py`).", "",
+          f"Base: a bitsandbytes `Linear4bit`, {fmt['quant_type']}, double quantisation "
+          f"(compress_statistics={fmt['compress_statistics']}), blocksize {fmt['blocksize']}, compute dtype "
+          f"{args.dtype}; r = {args.r}, adapters {a_dtype}. Providers: `peft_qdora` (PEFT's "
+          "`lora.bnb.Linear4bit` with DoRA, what PEFT runs today), `fused_qdora` (the same after "
+          "`dora_kernels.fuse`), `peft_qlora` (PEFT's LoRA over the same base), `qlora_floor` (the frozen "
+          "`Linear4bit`: forward and input gradient). Here `x floor` divides by `qlora_floor`, `x PEFT QDoRA` by "
+          "`peft_qdora`, `x PEFT QLoRA` by `peft_qlora` (in trace.csv: `ratio_floor`, `ratio_peft_dora`, "
+          "`ratio_peft_lora`).", ""]
+    md += [f"Note: {n}" for n in notes] + ([""] if notes else [])
+    md += ["Constants:", "", "```", constants_text(specs), BNB_RULE, "```", "", text, ""]
+    step = [r for r in rows if r["tokens"] in TB.QDORA_STEP_TOKENS]
+    ev = [r for r in rows if r["tokens"] in TB.QDORA_EVAL_TOKENS]
+    md += [table(step, mode="step", peers=QDORA_PEER_NAMES), "", table(ev, mode="eval", peers=QDORA_PEER_NAMES), ""]
+    with open(os.path.join(out, "trace.md"), "w") as f:
+        f.write("\n".join(md))
+    print()
+    print(table(step, mode="step", peers=QDORA_PEER_NAMES))
+    print()
+    print(text)
+    print(f"\nwrote {out}/trace.csv, trace.md, trace_constants.json")
+    print(f"traced in {elapsed:.1f} s")
     return 0
 
 
