@@ -79,7 +79,7 @@ COVER_RANKS = (1, 16, 17, 32, 33, 64, 65)
 # precision), at one token count per tile bucket and one rank per rank-chunk bucket
 EDGE_TOKENS = (1, 17, 33, 64, 128, 16384)
 EDGE_RANKS = (1, 17)
-QUICK = {"shapes": [(4096, 4096)], "tokens": (1, 64, 4096), "ranks": (16,),
+QUICK = {"shapes": [(4096, 4096)], "tokens": (1, 64, 4096), "ranks": (16,),  # (+ nf4 and int8 W0s in bf16)
          "dtypes": [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")], "flags": [(0, 0, 1, 0), (1, 1, 1, 0)],
          "cover": False}
 GEMM_KERNELS = ("_fwd_kernel", "_dx_kernel")
@@ -170,7 +170,7 @@ FROZEN_A_FLAGS = [(0, 0, 1, 0), (1, 1, 1, 0), (0, 1, 1, 1)]
 # the dense GEMMs); one odd layer, one token count per tile bucket, the dtypes of QLoRA training
 # (bf16 or fp16 x, 16-bit or fp32 adapters; fp32), W0 in x's dtype and a bf16 W0 under fp16 x.
 QUANT_FORMATS = ("nf4", "int8")
-QUANT_TOKENS = (1, 17, 64, 65)
+QUANT_TOKENS = (1, 17, 64, 128, 256, 257)
 QUANT_PAIRS = [("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")]
 
 
@@ -205,7 +205,9 @@ def meta_quant_weight(fmt: str, out_f: int, in_f: int, dtype, blocksize: int = 6
 def cases(quick: bool = False) -> list:
     if quick:
         q = QUICK
-        return _grid("bench", q["shapes"], q["tokens"], q["ranks"], q["dtypes"], q["flags"])
+        quant = [Case(fi, fo, n, 16, "bf16", "bf16", *fl, "bench", 0, 0, fmt) for (fi, fo) in q["shapes"]
+                 for n in q["tokens"] for fl in q["flags"] for fmt in QUANT_FORMATS]
+        return _grid("bench", q["shapes"], q["tokens"], q["ranks"], q["dtypes"], q["flags"]) + quant
     return (_grid("bench", BENCH_SHAPES, BENCH_TOKENS, BENCH_RANKS, DTYPE_PAIRS)
             + _grid("coverage", COVER_SHAPES, COVER_TOKENS, COVER_RANKS, DTYPE_PAIRS)
             + _grid("coverage", COVER_SHAPES, EDGE_TOKENS, EDGE_RANKS, ALL_PAIRS, tf32=(0, 1))

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dora_kernels import heuristics as H
 from dora_kernels import runtime
 
 from . import providers as P
@@ -218,13 +219,18 @@ def _custom_impl(qualname):
 
 
 # bitsandbytes' 4-bit ops (``torch.ops.bitsandbytes.*``; their fake kernels run on meta tensors).
-# dequantize_4bit / dequantize_blockwise need no rule of their own: the generic one charges one
-# launch reading the packed codes (n/2 bytes) and the absmax and writing the dequantised weight
-# (n × its element size), n other FLOPs. gemm_4bit (Linear4bit's forward in bitsandbytes 0.50) is
-# two different things on a GPU, chosen by bitsandbytes' CUDA dispatch (``bnb_gemm_4bit_custom``).
-BNB_RULE = ("bitsandbytes ops (torch.ops.bitsandbytes.*, run on meta by their fake kernels): dequantize_4bit / "
-            "dequantize_blockwise: one launch, bytes = packed codes read (n/2) + absmax read + dequantised weight "
-            "written (n x element size, 2 bytes in bf16), n other FLOPs; gemm_4bit (Linear4bit forward): as "
+# dequantize_4bit: one launch reading the packed codes (n/2 bytes) and the absmax and writing the
+# dequantised weight (n × its element size). Every 4-bit dequantisation, bitsandbytes' or the
+# package's, is charged the same work an element (``DEQUANT_OPS``: the package's count) on the CUDA
+# cores; dequantize_blockwise (the nested absmax) takes the generic rule. gemm_4bit (Linear4bit's
+# forward in bitsandbytes 0.50) is two different things on a GPU, chosen by bitsandbytes' CUDA
+# dispatch (``bnb_gemm_4bit_custom``).
+DEQUANT_OPS = H.DEQUANT_OPS[4]
+BNB_RULE = ("bitsandbytes ops (torch.ops.bitsandbytes.*, run on meta by their fake kernels): every 4-bit "
+            f"dequantisation (bitsandbytes' or the package's) is charged {DEQUANT_OPS} CUDA-core operations an "
+            "element, once per launch (the package's in-kernel GEMMs: once per token block); dequantize_4bit: one "
+            "launch, bytes = packed codes read (n/2) + absmax read + dequantised weight written (n x element size, 2 "
+            "bytes in bf16); dequantize_blockwise: the generic rule; gemm_4bit (Linear4bit forward): as "
             "bitsandbytes 0.50's CUDA dispatch picks (backends/cuda/ops.py _gemm_4bit_use_custom_cuda, ported for "
             "sm80/sm90: always at <= 4 tokens, never above 1536, a shape/occupancy table between), either its fused "
             "4-bit kernel, one launch reading x, the packed codes, the uint8 absmax, the nested absmax and table and "
@@ -316,7 +322,11 @@ def _bnb_events(name, func, args, kwargs, out):
         A, (n_out, k) = a["A"], a["shapeB"]
         m = A.numel() // k
         nbytes = sum(distinct_bytes(t) for t in _tensors(a)) + distinct_bytes(out)
-        return [Event("aten", "gemv_4bit", 2 * m * n_out * k, 0, nbytes, A.dtype)]
+        return [Event("aten", "gemv_4bit", 2 * m * n_out * k, DEQUANT_OPS * n_out * k, nbytes, A.dtype)]
+    if name == "dequantize_4bit":
+        n = out.numel()
+        nbytes = sum(distinct_bytes(t) for t in _tensors(a)) + distinct_bytes(out)
+        return [Event("aten", "dequantize_4bit", 0, DEQUANT_OPS * n, nbytes, out.dtype)]
     if name != "gemm_4bit":
         return None
     A, packed, (n_out, k) = a["A"], a["B"], a["shapeB"]
@@ -325,7 +335,7 @@ def _bnb_events(name, func, args, kwargs, out):
     arch, sms = runtime.target(A)
     if bnb_gemm_4bit_custom(m, n_out, k, a["blocksize"], A.dtype, arch, sms):
         nbytes = sum(distinct_bytes(t) for t in _tensors(a)) + distinct_bytes(out)
-        return [Event("aten", "gemm_4bit", mm, extra, nbytes, A.dtype)]
+        return [Event("aten", "gemm_4bit", mm, extra + DEQUANT_OPS * n_out * k, nbytes, A.dtype)]
     n, el = n_out * k, A.element_size()
     absmax = a["absmax"]  # fp32: the nested absmax (with absmax_8bit) or the absmax itself
     blocks = q8.numel() if q8 is not None else absmax.numel()
@@ -334,7 +344,8 @@ def _bnb_events(name, func, args, kwargs, out):
         ev.append(Event("aten", "gemm_4bit.dequantize_blockwise", 0, blocks, distinct_bytes(q8)
                         + distinct_bytes(absmax) + distinct_bytes(a["absmax_code"]) + 4 * blocks, torch.float32))
         ev.append(Event("aten", "gemm_4bit.add", 0, blocks, 8 * blocks + 4, torch.float32))
-    ev.append(Event("aten", "gemm_4bit.dequantize_4bit", 0, n, distinct_bytes(packed) + 4 * blocks + n * el, A.dtype))
+    ev.append(Event("aten", "gemm_4bit.dequantize_4bit", 0, DEQUANT_OPS * n, distinct_bytes(packed) + 4 * blocks
+                    + n * el, A.dtype))
     ev.append(Event("aten", "gemm_4bit.linear", mm, extra, distinct_bytes(A) + n * el + distinct_bytes(out)
                     + (distinct_bytes(bias) if bias is not None else 0), A.dtype))
     return ev

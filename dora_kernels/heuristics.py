@@ -105,6 +105,11 @@ def _big_tiles(arch) -> bool:
     return arch is not None and (9, 0) <= tuple(arch) < (12, 0)
 
 
+def _mid_shared(arch) -> bool:
+    """sm_80 / sm_87: mma.sync with 163 KB of shared memory (deeper pipelines than the consumer archs)."""
+    return arch is not None and not _big_tiles(arch) and not _small_shared(arch)
+
+
 def _small_shared(arch) -> bool:
     return arch is not None and shared_limit(arch) < 128 * 1024
 
@@ -127,6 +132,8 @@ def fwd_config(*, N: int, M: int, dtype, arch, has_dropout: bool, wq: int = 0) -
         if bn == 64 and bk == 128 and _small_shared(arch):
             bk = 64  # 128-deep steps spill 56-80 bytes on sm_86/89/120
     stages = _stages((bn * bk + bk * bm) * _elbytes(dtype, arch), bn * bm * 2, arch)
+    if wq and bn == 128 and _mid_shared(arch):
+        stages = min(stages, 3)  # 4 stages spill 8 bytes on sm_80 (int8 W0, fp32 adapters)
     meta = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16, "GROUP_N": 8,
             "num_warps": warps, "num_stages": stages}
     return Config(meta, (cdiv(N, bn) * cdiv(M, bm),))
@@ -136,7 +143,8 @@ def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool, w
     """``_dx_kernel``: N × K tiles (BLOCK_K), reducing over M (BLOCK_M). The main loop scales dy
     by g in registers and the tile also builds the dA partial, so it is narrower than the
     forward's: 64 in-columns, or 128 on sm_90 for bf16 without dropout; a W0 dequantised in the
-    kernel (``wq``: few tokens, no dropout) takes 32-deep steps over M and 32 in-columns.
+    kernel (``wq``: few tokens, no dropout) takes 32 in-columns and 32-deep steps over M (16-deep on
+    sm_80 and in 128-token tiles).
     ``sizes["T"]``: token blocks, one dA partial each."""
     bn, bk, bm, warps = _gemm_tile(N, dtype)
     if dtype == torch.float32:
@@ -156,7 +164,9 @@ def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool, w
         elif bn == 64 and (has_dropout or (arch is not None and not _big_tiles(arch))):
             bm = 64  # 128-deep steps with two accumulators (or on sm_80 with the split dA) spill
     if wq and has_dx:
-        bm, bk = 32, 32  # wider tiles spill 4-400 bytes
+        # wider tiles spill 4-400 bytes; 32-deep steps 4-28 on sm_80 (and in 128-token tiles), 16-deep
+        # ones 4-8 bytes in the 17-64-token tiles of the other archs
+        bm, bk = (16 if (bn == 128 or _mid_shared(arch) or arch is None) else 32), 32
     if not has_dx:
         bn, bm, warps = min(bn, 64), 16, 4
     stages = _stages((bn * bm + bm * bk) * _elbytes(dtype, arch), bn * bk * 2, arch)
@@ -172,13 +182,15 @@ def dx_config(*, N: int, K: int, dtype, arch, has_dropout: bool, has_dx: bool, w
 
 
 def norm_config(*, M: int, dtype, arch, has_wa: bool, wq: int = 0) -> Config:
-    """``_norm_kernel``: 32 rows a program, the whole of K in steps; 32-deep steps with W0·Aᵀ, 64-deep
-    ones over 4-bit codes (``wq`` 4: their 64-bit element indices take registers)."""
+    """``_norm_kernel``: 32 rows a program (16 with W0·Aᵀ of a quantised W0), the whole of K in steps;
+    32-deep steps with W0·Aᵀ, 64-deep ones over 4-bit codes (``wq`` 4: their element indices take
+    registers)."""
     half = dtype in (torch.float16, torch.bfloat16)
     bk = 32 if has_wa else (64 if (wq == 4 or not half) else 128)
-    meta = {"BLOCK_M": 32, "BLOCK_K": bk, "BLOCK_R": 16,
+    bm = 16 if (has_wa and wq) else 32  # (32-row ones spill 24 bytes with an int8 W0 and fp32 adapters)
+    meta = {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_R": 16,
             "num_warps": 4, "num_stages": 1 if arch is None else 3}
-    return Config(meta, (cdiv(M, 32),))
+    return Config(meta, (cdiv(M, bm),))
 
 
 # QDoRA: a quantised W0 is dequantised in the GEMM kernels' registers (each token block again)
@@ -189,7 +201,7 @@ def norm_config(*, M: int, dtype, arch, has_wa: bool, wq: int = 0) -> Config:
 # accumulators). The norm always reads the codes. Operations per element dequantised (the trace's
 # count of that work): 4-bit codes (index, byte, nibble, table and absmax loads, product, two
 # roundings), int8 rows.
-DEQUANT_IN_KERNEL_TOKENS = 64
+DEQUANT_IN_KERNEL_TOKENS = 256
 DEQUANT_OPS = {4: 16, 8: 6}
 
 
@@ -253,10 +265,12 @@ def sum_partials_config(*, RK: int, MR: int, M: int) -> Config:
     return Config({"BLOCK": block, "num_warps": 4}, (cdiv(RK, block) + cdiv(MR, block) + cdiv(M, block),))
 
 
-def dm_redo_config(*, M: int) -> Config:
+def dm_redo_config(*, M: int, wq: int = 0) -> Config:
     """``_dm_redo_kernel``: 16 rows a program (most return at once), 16-token × 16-deep steps
-    (32-deep ones spill 8 bytes on sm_80 with 16-bit inputs)."""
-    return Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "num_warps": 4}, (cdiv(M, 16),))
+    (32-deep ones spill 8 bytes on sm_80 with 16-bit inputs); 2 warps over 4-bit codes (4 spill 4
+    bytes on sm_80 with fp32 x)."""
+    return Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "num_warps": 2 if wq == 4 else 4},
+                  (cdiv(M, 16),))
 
 
 def mask_config(*, N: int, K: int) -> Config:

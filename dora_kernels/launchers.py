@@ -81,6 +81,11 @@ class PackedWeight:
     w: Optional[torch.Tensor] = None
     qshift: int = 0
 
+    def __post_init__(self):
+        M, K = self.shape
+        if self.wq == 4 and M * K >= 2**31:  # (kernels._w0's 32-bit flat index; quant takes the torch path)
+            raise ValueError(f"PackedWeight: a 4-bit W0 of {M}×{K} elements is over the kernels' 2**31")
+
     @property
     def device(self) -> torch.device:
         return self.qscale.device
@@ -210,15 +215,15 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
     reused when given, unless ``with_wa`` (the exact norm gradient also needs wa = W0·Aᵀ (M, R)
     fp32, from the same pass as the norm; else wa is None).
     """
-    wa = None
-    if norm is None or with_wa:
-        norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
     N, K = x.shape
     M = weight.shape[0]
     R = lora_A.shape[0]
     # The kernels index the (M,) vectors with unit stride; copies of views are tiny.
     magnitude = magnitude.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    wa = None
+    if norm is None or with_wa:
+        norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
     u = torch.empty((N, M), dtype=u_dtype(x.dtype, lora_A.dtype, dropout_p), device=x.device) if need_u else None
     xa = _xa(x, lora_A, dropout_p=dropout_p, dropout_seed=dropout_seed)
@@ -314,7 +319,7 @@ def dora_backward(dy, x, weight, lora_A, lora_B, magnitude, scaling, norm, xa, *
         # (fp32 dots by FMA: exact, and no register spills; their FLOPs are not counted), or by
         # torch where an operand's offsets pass the 31 bits that kernel uses.
         if all(offsets_fit_int32(t) for t in (x, dy, xa, lora_B) + tuple(w_reads)):
-            cfg = H.dm_redo_config(M=M)
+            cfg = H.dm_redo_config(M=M, wq=_wq(weight))
             launch(K_._dm_redo_kernel, cfg.grid,
                    dict(cfg.meta, UPCAST=_upcast(x.dtype), PREC="ieee", G_REDO=G_REDO, **w_meta),
                    unit="vector", reads=[magnitude, norm], writes=[],

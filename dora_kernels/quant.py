@@ -414,13 +414,15 @@ def packed(qw: QuantWeight) -> launchers.PackedWeight:
     """``qw`` as the kernels read it: the codes (or int8 rows) as stored, the absmax in fp32 (a
     nested one decoded by ``launchers.nested_absmax``: a pass over n / blocksize bytes)."""
     if qw.quant_type == "int8":
-        return launchers.PackedWeight(qw.shape, qw.dtype, 8, qscale=qw.scb.float(), w=qw.data)
+        return launchers.PackedWeight(qw.shape, qw.dtype, 8, qscale=qw.scb.float().contiguous(), w=qw.data)
     if qw.nested is None:
-        absmax = qw.absmax.float()
-    else:
+        absmax = qw.absmax.float().contiguous()
+    else:  # (the kernels index these flat: contiguous copies of strided ones)
         nst = qw.nested
-        absmax = launchers.nested_absmax(qw.absmax, nst.code, nst.absmax, nst.offset, nst.blocksize)
-    return launchers.PackedWeight(qw.shape, qw.dtype, 4, qscale=absmax, codes=qw.data, qmap=qw.code.float(),
+        absmax = launchers.nested_absmax(qw.absmax.contiguous(), nst.code.contiguous(), nst.absmax.contiguous(),
+                                         nst.offset, nst.blocksize)
+    return launchers.PackedWeight(qw.shape, qw.dtype, 4, qscale=absmax, codes=qw.data.contiguous(),
+                                  qmap=qw.code.float().contiguous(),
                                   qshift=qw.blocksize.bit_length() - 1)
 
 
@@ -613,13 +615,10 @@ class _QuantDoRA(torch.autograd.Function):
                 need_u, save_output):
         exact = norm_grad == "exact"
 
-        def on_triton():
-            pw = packed(qw)
-            n, wa = (norm, None) if norm is not None and not exact else launchers.weight_norm(
-                pw, lora_A, lora_B, scaling, with_wa=exact)
-            y, xa, u, _, _ = launchers.dora_forward(x, pw, lora_A, lora_B, magnitude, scaling, bias, norm=n,
-                                                    dropout_p=dropout_p, dropout_seed=dropout_seed, need_u=need_u)
-            return y, xa, u, n, wa
+        def on_triton():  # (the launcher makes the norm, and W0·Aᵀ for the exact gradient, unless given)
+            return launchers.dora_forward(x, packed(qw), lora_A, lora_B, magnitude, scaling, bias,
+                                          norm=None if exact else norm, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                                          with_wa=exact, need_u=need_u)
 
         def on_torch():
             n, wa = (norm, None) if norm is not None and not exact else _torch_weight_norm(
@@ -650,11 +649,13 @@ class _QuantDoRA(torch.autograd.Function):
             dx, dA, dB, dm = _run(
                 qw, x, lambda: launchers.dora_backward(dy if dy.stride(-1) == 1 else dy.contiguous(), x, packed(qw), lora_A,
                                                    lora_B, magnitude, s, norm, xa, u=u, y=y, dropout_p=ctx.dropout_p,
-                                                   dropout_seed=ctx.dropout_seed, need_dx=need_dx),
+                                                   dropout_seed=ctx.dropout_seed, need_dx=need_dx, need_a=need_a),
                 lambda: _torch_backward(dy, x, qw, lora_A, lora_B, magnitude, s, norm, xa, u=u, y=y,
                                         dropout_p=ctx.dropout_p, dropout_seed=ctx.dropout_seed, need_dx=need_dx))
+            if not need_a:
+                dA = None
             if ctx.norm_grad == "exact" and (need_a or need_b):
-                w = _dense(qw, x.dtype, x)
+                w = _dense(qw, x.dtype, x) if dA is not None else None  # (only dA's term reads W0)
                 dA, dB = ops._exact_norm_grad(dA, dB, dm, w, lora_A, lora_B, magnitude, s, norm, wa)
                 del w
         return (dx if need_dx else None, dA if need_a else None, dB if need_b else None, dm if need_m else None,

@@ -415,7 +415,7 @@ def test_norm_goes_over_row_blocks(monkeypatch, torch_backend):
     norm of the dequantised weight."""
     q = quantised(Fmt("fp4", nested=True, blocksize=32), 37, 24)
     qw = QuantWeight.from_module(q)
-    A, B = 0.3 * torch.randn(R, 37), 0.3 * torch.randn(24, R)
+    A, B = 0.3 * torch.randn(R, 37, device=DEVICE), 0.3 * torch.randn(24, R, device=DEVICE)
     want = torch.linalg.vector_norm(dequantize(qw).float() + 0.5 * B @ A, dim=1)
     monkeypatch.setattr(quant, "BLOCK_ELEMS", 3 * 37)
     spans = []
@@ -440,7 +440,8 @@ def test_saves_no_dequantised_weight_and_dequantises_again(fmt, dropout, bias, b
     q = quantised(fmt, bias=bias)
     qw = QuantWeight.from_module(q)
     x = torch.randn(5, IN, device=backend, requires_grad=True)
-    A, B = (0.1 * torch.randn(R, IN)).requires_grad_(), (0.1 * torch.randn(OUT, R)).requires_grad_()
+    A = (0.1 * torch.randn(R, IN, device=backend)).requires_grad_()
+    B = (0.1 * torch.randn(OUT, R, device=backend)).requires_grad_()
     m = (dequantize(qw).norm(dim=1) + 0.1).requires_grad_()
     saved = []
 
@@ -464,41 +465,79 @@ def test_saves_no_dequantised_weight_and_dequantises_again(fmt, dropout, bias, b
     assert forward_calls >= 1 and len(calls) > forward_calls
 
 
+# (tokens, DEQUANT_IN_KERNEL_TOKENS, dropout, x dtype, W0 dtype, dense transients made, x trains, some m small)
+KERNEL_PATHS = {
+    "few-tokens": (5, 256, 0.0, torch.bfloat16, torch.bfloat16, 0, True, False),
+    "few-tokens-fp16-x-W0-bf16": (5, 256, 0.0, torch.float16, torch.bfloat16, 0, True, False),
+    "in-kernel": (40, 256, 0.0, torch.float32, torch.float32, 0, True, False),
+    "in-kernel-bf16-128-token-tiles": (130, 256, 0.0, torch.bfloat16, torch.bfloat16, 0, True, False),
+    "in-kernel-W0-bf16-x-fp16": (40, 256, 0.0, torch.float16, torch.bfloat16, 0, True, False),
+    "transient": (40, 4, 0.0, torch.float32, torch.float32, 2, True, False),
+    "few-tokens-transient": (5, 4, 0.0, torch.bfloat16, torch.bfloat16, 2, True, False),
+    "transient-dropout": (5, 256, 0.2, torch.float32, torch.float32, 2, True, False),
+    "frozen-x-dm-redo": (40, 256, 0.0, torch.float32, torch.float32, 0, False, True),
+}
+
+
 @pytest.mark.parametrize("fmt", [Fmt("nf4"), Fmt("fp4", False, 32), Fmt("int8")], ids=str)
-@pytest.mark.parametrize("tokens, threshold, dropout, transients", [(5, 256, 0.0, 0), (5, 4, 0.0, 2), (5, 256, 0.2, 2)],
-                         ids=["in-kernel", "transient", "transient-dropout"])
-def test_kernels_dequantise_in_registers_or_once_per_gemm(fmt, tokens, threshold, dropout, transients, monkeypatch):
-    """On the Triton path the norm always reads the codes in registers, and so do the forward and
-    dx GEMMs up to ``DEQUANT_IN_KERNEL_TOKENS`` tokens without dropout; with more, or with dropout,
-    each of the two GEMMs dequantises W0 once into a dense transient. Either way the unquantised
-    kernels' result on the dequantised weight, to the GEMMs' rounding (with the same dropout mask:
-    the kernels' own)."""
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+def test_kernels_dequantise_in_registers_or_once_per_gemm(fmt, path, monkeypatch):
+    """On the Triton path the norm always reads the codes in registers, and so do the forward and dx
+    GEMMs up to ``DEQUANT_IN_KERNEL_TOKENS`` tokens without dropout; with more, or with dropout, each of the two GEMMs dequantises W0 once
+    into a dense transient. Either way: the unquantised kernels' result on the dequantised weight,
+    to the GEMMs' rounding (with the same dropout mask: the kernels' own), also where W0's dtype is
+    not x's, without dx (the dx kernel then reads no W0) and where dm is made again from W0 (rows
+    with |m| < n/4: the redo kernel reads the codes)."""
     from dora_kernels import heuristics, launchers
 
-    q = quantised(fmt)
+    tokens, threshold, dropout, dt, wdt, transients, x_trains, small_m = KERNEL_PATHS[path]
+    q = quantised(fmt, dtype=wdt, compute_dtype=dt)
     qw = QuantWeight.from_module(q)
-    x = torch.randn(tokens, IN, requires_grad=True)
-    A, B = (0.1 * torch.randn(R, IN)).requires_grad_(), (0.1 * torch.randn(OUT, R)).requires_grad_()
-    m = (dequantize(qw).norm(dim=1) + 0.1).requires_grad_()
-    dy = torch.randn(tokens, OUT)
+    x = torch.randn(tokens, IN, device=DEVICE, dtype=dt, requires_grad=x_trains)
+    A = (0.1 * torch.randn(R, IN, device=DEVICE)).requires_grad_()
+    B = (0.1 * torch.randn(OUT, R, device=DEVICE)).requires_grad_()
+    m = dequantize(qw).float().norm(dim=1) + 0.1
+    if small_m:
+        m[::3] *= 0.05
+    m.requires_grad_()
+    dy = torch.randn(tokens, OUT, device=DEVICE, dtype=dt)
+    tiles = []
+    real_dx = heuristics.dx_config
+    monkeypatch.setattr(heuristics, "dx_config", lambda **kw: tiles.append(real_dx(**kw).meta) or real_dx(**kw))
 
     def step(w):
-        leaves = (x, A, B, m)
+        leaves = tuple(t for t in (x, A, B, m) if t.requires_grad)
         y = dora_kernels.dora_linear(x, w, A, B, m, 2.0, dropout_p=dropout, dropout_seed=7)
         return (y.detach(),) + torch.autograd.grad(y, leaves, dy)
 
     with dora_kernels.use_backend("triton"):
-        want = step(dequantize(qw, x.dtype))
+        want = step(dequantize(qw, dt))
     made = []
     real = launchers.dequantize
     monkeypatch.setattr(launchers, "dequantize", lambda *a, **k: made.append(a[0].shape) or real(*a, **k))
     monkeypatch.setattr(heuristics, "DEQUANT_IN_KERNEL_TOKENS", threshold)
     monkeypatch.setattr(quant, "dequantize_rows", None)  # the torch path's dequantisation: not used
+    tiles.clear()
     with dora_kernels.use_backend("triton"):
         got = step(qw)
     assert made == [torch.Size((OUT, IN))] * transients
-    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    if path == "in-kernel-bf16-128-token-tiles":
+        assert (tiles[-1]["BLOCK_N"], tiles[-1]["BLOCK_M"]) == (128, 16), tiles
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dt]
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm") if x_trains else ("y", "dA", "dB", "dm"), got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
+def test_kernel_norm_over_rows_that_start_mid_block(backend):
+    """The norm kernel (and the torch path) on a 4-bit W0 whose rows start inside an absmax block
+    and inside a byte (in = 37, blocksize 32): the norm of the dequantised weight."""
+    q = quantised(Fmt("fp4", nested=True, blocksize=32), 37, 24)
+    qw = QuantWeight.from_module(q)
+    A, B = 0.3 * torch.randn(R, 37, device=DEVICE), 0.3 * torch.randn(24, R, device=DEVICE)
+    want = torch.linalg.vector_norm(dequantize(qw).double() + 0.5 * B.double() @ A.double(), dim=1)
+    norm, wa = dora_kernels.weight_norm(qw, A, B, 0.5, with_wa=True)
+    torch.testing.assert_close(norm.double(), want, rtol=2e-6, atol=0)
+    torch.testing.assert_close(wa.double(), dequantize(qw).double() @ A.double().T, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
