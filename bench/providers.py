@@ -155,13 +155,22 @@ class _One(nn.Module):
         return self.proj(x)
 
 
-def _peft(t: Tensors, *, dora: bool) -> nn.Module:
+def _peft(t: Tensors, *, dora: bool, base: nn.Module | None = None) -> nn.Module:
+    """PEFT's LoRA / DoRA layer over ``base`` (default: a plain ``nn.Linear`` of ``t``), adapters
+    ``t``'s (in their dtype)."""
     peft = _require("peft", "peft is not installed")
     cfg = peft.LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=t.dropout, target_modules=["proj"],
                           use_dora=dora)
     # autocast_adapter_dtype=True (PEFT's default) keeps bf16/fp16 models' adapters in fp32.
     same = t.lora_A.dtype == t.weight.dtype
-    model = peft.get_peft_model(_One(t.weight, t.bias), cfg, autocast_adapter_dtype=not same)
+    if base is None:
+        base, where = _One(t.weight, t.bias), contextlib.nullcontext()
+    else:
+        # On meta, PEFT's DoRA set-up deep-copies a Linear4bit, and a Params4bit copy starts from an
+        # empty tensor of the default device: make that meta too
+        where = torch.device("meta") if t.weight.is_meta else contextlib.nullcontext()
+    with where:
+        model = peft.get_peft_model(base, cfg, autocast_adapter_dtype=not same)
     layer = model.base_model.model.proj
     for p in layer.parameters():
         if p.requires_grad and p.dtype != t.lora_A.dtype:
@@ -174,12 +183,13 @@ def _peft(t: Tensors, *, dora: bool) -> nn.Module:
     return layer
 
 
-def _fused_peft(t: Tensors) -> nn.Module:
+def _fused_peft(t: Tensors, layer: nn.Module | None = None) -> nn.Module:
+    """``layer`` (default: PEFT's DoRA layer of ``t``) after ``dora_kernels.fuse``."""
     dk = _require("dora_kernels", "dora_kernels does not import")
-    layer = _peft(t, dora=True)
+    layer = _peft(t, dora=True) if layer is None else layer
     dk.fuse(layer)
     if not dk.fused_layers(layer):
-        raise Unavailable("dora_kernels.fuse left the PEFT layer unfused")
+        raise Unavailable(f"dora_kernels.fuse left the PEFT layer ({type(layer).__name__}) unfused")
     return layer
 
 
@@ -268,35 +278,11 @@ class _OneQuant(nn.Module):
 
 def _peft_quant(t: Tensors, *, dora: bool) -> nn.Module:
     """PEFT's LoRA / DoRA layer over ``_linear4bit(t)``, adapters ``t``'s (in their dtype)."""
-    peft = _require("peft", "peft is not installed")
-    base = _OneQuant(t)
-    cfg = peft.LoraConfig(r=t.r, lora_alpha=t.alpha, lora_dropout=t.dropout, target_modules=["proj"],
-                          use_dora=dora)
-    same = t.lora_A.dtype == t.weight.dtype
-    # On meta, PEFT's DoRA set-up deep-copies the Linear4bit, and a Params4bit copy starts from an
-    # empty tensor of the default device: make that meta too
-    where = torch.device("meta") if t.weight.is_meta else contextlib.nullcontext()
-    with where:
-        model = peft.get_peft_model(base, cfg, autocast_adapter_dtype=not same)
-    layer = model.base_model.model.proj
-    for p in layer.parameters():
-        if p.requires_grad and p.dtype != t.lora_A.dtype:
-            p.data = p.data.to(t.lora_A.dtype)
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(t.lora_A)
-        layer.lora_B["default"].weight.copy_(t.lora_B)
-        if dora:
-            layer.lora_magnitude_vector["default"].weight.copy_(t.magnitude)
-    return layer
+    return _peft(t, dora=dora, base=_OneQuant(t))
 
 
 def _fused_qdora(t: Tensors) -> nn.Module:
-    dk = _require("dora_kernels", "dora_kernels does not import")
-    layer = _peft_quant(t, dora=True)
-    dk.fuse(layer)
-    if not dk.fused_layers(layer):
-        raise Unavailable("dora_kernels.fuse left the PEFT QDoRA layer unfused")
-    return layer
+    return _fused_peft(t, _peft_quant(t, dora=True))
 
 
 _BUILDERS = {
