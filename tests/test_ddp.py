@@ -9,7 +9,6 @@ the interpreter's first launch costs seconds per process).
 
 from __future__ import annotations
 
-import socket
 
 import torch
 import torch.multiprocessing as mp
@@ -17,6 +16,7 @@ from torch import nn
 
 import dora_kernels
 import reference
+from gloo import free_port, init_gloo
 
 IN, HID, OUT = 16, 24, 12
 
@@ -44,7 +44,7 @@ def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         assert dora_kernels.get_backend() == "torch"  # from DORA_KERNELS_BACKEND
         model = fused_model()
@@ -59,15 +59,10 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_gradients_equal_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv("DORA_KERNELS_BACKEND", "torch")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model = fused_model()
     x, t = batch()
     with dora_kernels.use_backend("torch"):

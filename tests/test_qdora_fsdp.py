@@ -42,8 +42,6 @@ to PEFT's own QDoRA by the same rule.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import socket
 import warnings
 from dataclasses import dataclass
 
@@ -56,6 +54,7 @@ import dora_kernels
 import reference
 from dora_kernels import quant
 from dora_kernels.quant import QuantWeight, dequantize
+from gloo import free_port, init_gloo
 from tolerance import EPS, assert_close_to_f64
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -232,8 +231,7 @@ def _run_case(case: Case, rank: int, world: int):
 def _worker(rank, world, port, out_dir, cases):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # a rank that fails does not hang the other
+    init_gloo(rank, world, port)
     try:
         assert dora_kernels.get_backend() == "torch"  # from DORA_KERNELS_BACKEND
         torch.save({str(case): _run_case(case, rank, world) for case in cases}, f"{out_dir}/rank{rank}.pt")
@@ -241,17 +239,12 @@ def _worker(rank, world, port, out_dir, cases):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def spawn(out, cases):
     """{rank: {str(case): the child's results}}: one spawn of two processes for ``cases``."""
     with pytest.MonkeyPatch.context() as mp_env:
         mp_env.setenv("DORA_KERNELS_BACKEND", "torch")
-        mp.spawn(_worker, args=(WORLD, _free_port(), str(out), list(cases)), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(WORLD, free_port(), str(out), list(cases)), nprocs=WORLD, join=True)
     return {rank: torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)}
 
 
