@@ -483,8 +483,8 @@ KERNEL_PATHS = {
 @pytest.mark.parametrize("path", list(KERNEL_PATHS))
 def test_kernels_dequantise_in_registers_or_once_per_gemm(fmt, path, monkeypatch):
     """On the Triton path the norm always reads the codes in registers, and so do the forward and dx
-    GEMMs up to ``DEQUANT_IN_KERNEL_TOKENS`` tokens without dropout; with more, or with dropout, each of the two GEMMs dequantises W0 once
-    into a dense transient. Either way: the unquantised kernels' result on the dequantised weight,
+    GEMMs up to ``DEQUANT_IN_KERNEL_TOKENS`` tokens without dropout; with more, or with dropout,
+    each of the two GEMMs dequantises W0 once into a dense transient. Either way: the unquantised kernels' result on the dequantised weight,
     to the GEMMs' rounding (with the same dropout mask: the kernels' own), also where W0's dtype is
     not x's, without dx (the dx kernel then reads no W0) and where dm is made again from W0 (rows
     with |m| < n/4: the redo kernel reads the codes)."""
@@ -526,6 +526,27 @@ def test_kernels_dequantise_in_registers_or_once_per_gemm(fmt, path, monkeypatch
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dt]
     for name, a, b in zip(("y", "dx", "dA", "dB", "dm") if x_trains else ("y", "dA", "dB", "dm"), got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("fmt", [Fmt("nf4", True, 64), Fmt("fp4", False, 32), Fmt("nf4", True, 128, torch.bfloat16),
+                                 Fmt("int8")], ids=str)
+@pytest.mark.parametrize("wdt, dt", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                     (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16)],
+                         ids=["f32", "f16", "bf16", "W0-bf16-as-f16"])
+def test_dequantising_kernels_are_bitsandbytes_bit_for_bit(fmt, wdt, dt):
+    """``_dequant_kernel`` (and ``_absmax_kernel`` for a nested absmax) through the interpreter: the
+    very values of bitsandbytes' own dequantisation, cast to x's dtype, at an odd shape whose rows
+    start inside blocks and bytes (in = 37)."""
+    from dora_kernels import launchers
+
+    # 28 rows: bitsandbytes packs a 16-bit quant_storage in whole elements
+    q = quantised(fmt, 37, 28, dtype=wdt, compute_dtype=dt)
+    qw = QuantWeight.from_module(q)
+    want = dequantize_module_weight(q).to(dt) if fmt.quant_type != "int8" else dequantize(qw, dt)
+    with dora_kernels.use_backend("triton"):
+        got = launchers.dequantize(quant.packed(qw), dt)
+    assert got.dtype == dt and torch.equal(got, dequantize(qw, dt))
+    assert torch.equal(got, want)
 
 
 def test_kernel_norm_over_rows_that_start_mid_block(backend):
