@@ -193,6 +193,36 @@ def norm_config(*, M: int, dtype, arch, has_wa: bool, wq: int = 0) -> Config:
     return Config(meta, (cdiv(M, bm),))
 
 
+# The forward with the norm in its own pass over W0 (``_fwd_norm_kernel``) instead of the norm kernel's
+# pass and the forward's second one, without dropout, u or a given norm (eval, decoding, and training
+# that saves y): for up to FWD_NORM_TOKENS tokens (one tile: the GEMM of so few tokens streams W0
+# as the norm does), and for a quantised W0 read in place (up to DEQUANT_IN_KERNEL_TOKENS, at most a
+# few token blocks): each block dequantises its tiles anyway, and makes the norm's B·A again instead
+# of a second dequantising pass.
+FWD_NORM_TOKENS = 16
+
+
+def use_fwd_norm(*, N: int, wq: int, has_dropout: bool, need_u: bool, has_norm: bool, with_wa: bool) -> bool:
+    if N == 0 or has_dropout or need_u or has_norm or with_wa:
+        return False
+    if wq:
+        return dequant_in_kernel(N=N, has_dropout=False)
+    return N <= FWD_NORM_TOKENS
+
+
+def fwd_norm_config(*, N: int, M: int, dtype, arch, num_sms: int, wq: int = 0) -> Config:
+    """``_fwd_norm_kernel``: up to 16 tokens, one 16-token tile and the norm kernel's steps over K
+    (``norm_config``), 32 rows a program, or 16 where 32-row programs would not fill the GPU's SMs;
+    more tokens (a quantised W0), the forward's tiles (``fwd_config``)."""
+    if N <= FWD_NORM_TOKENS:
+        meta = dict(norm_config(M=M, dtype=dtype, arch=arch, has_wa=False, wq=wq).meta, BLOCK_N=16,
+                    BLOCK_M=32 if cdiv(M, 32) >= num_sms else 16)
+    else:
+        fwd = fwd_config(N=N, M=M, dtype=dtype, arch=arch, has_dropout=False, wq=wq).meta
+        meta = {k: fwd[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages")}
+    return Config(meta, (cdiv(N, meta["BLOCK_N"]) * cdiv(M, meta["BLOCK_M"]),), {"T": cdiv(N, meta["BLOCK_N"])})
+
+
 # QDoRA: a quantised W0 is dequantised in the GEMM kernels' registers (each token block again)
 # up to DEQUANT_IN_KERNEL_TOKENS tokens without dropout (eval and decoding: the GEMM streams W0, and
 # reading a quarter of its bytes wins); otherwise it is dequantised once into a transient dense W0

@@ -619,3 +619,83 @@ def _mask_kernel(
     m = (o_n < N)[:, None] & (o_k < K)[None, :]
     b_keep = _keep_mask(dropout_seed, o_n, o_k, K, dropout_p)
     tl.store(mask_ptr + o_n[:, None] * K + o_k[None, :], b_keep.to(tl.int8), mask=m)
+
+
+
+@triton.jit(do_not_specialize=["N", "R", "stride_bm", "qshift"])
+def _fwd_norm_kernel(
+    y_ptr, stride_yn, stride_ym,  # out (N, M): y
+    norm_ptr,  # out (M,) fp32: ‖W0 + s·B·A‖ per row
+    x_ptr, stride_xn, stride_xk,  # x: token, column
+    w_ptr, stride_wm, stride_wk,  # W0: row, column (int8 for WQ = 8; None for WQ = 4)
+    codes_ptr, qmap_ptr, qscale_ptr,  # a quantised W0 (WQ = 4, 8; see _w0), else None
+    a_ptr, stride_ar, stride_ak,  # A: rank, column
+    b_ptr, stride_bm, stride_br,  # B: row, rank
+    xa_ptr,  # (N, R), contiguous
+    mag_ptr,  # (M,)
+    bias_ptr,  # (M,) (HAS_BIAS; else None)
+    N, M, K, R, scaling, qshift,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, PREC: tl.constexpr,
+    EPI_PREC: tl.constexpr, WQ: tl.constexpr, QDT: tl.constexpr,
+):
+    # y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias with the norm made in the same pass over W0 (no dropout, no u):
+    # each tile of W0 is loaded (a quantised one dequantised) once for ‖W0 + s·B·A‖, as in
+    # _norm_kernel, and for x·W0ᵀ, as in _fwd_kernel (the same roundings). Each token block makes the
+    # norm of its rows again (the same operations: the same values), the first one stores it.
+    # Consecutive programs share a tile of W0 (the token blocks are few).
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % num_n
+    pid_m = (tl.program_id(0) // num_n).to(tl.int64)
+    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    o_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_r = tl.arange(0, BLOCK_R)
+    b_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    b_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_w = _w0(w_ptr, stride_wm, stride_wk, codes_ptr, qmap_ptr, qscale_ptr, qshift, o_m[:, None], o_k[None, :],
+                  m_m[:, None] & m_k[None, :], K, norm_ptr, WQ, QDT)
+        b_ba = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            m_r = (r0 + o_r) < R
+            b_b = tl.load(b_ptr + o_m[:, None] * stride_bm + (r0 + o_r)[None, :] * stride_br,
+                          mask=m_m[:, None] & m_r[None, :], other=0.0)
+            b_a = tl.load(a_ptr + (r0 + o_r)[:, None] * stride_ar + o_k[None, :] * stride_ak,
+                          mask=m_r[:, None] & m_k[None, :], other=0.0)
+            if LORA_F32 or UPCAST:
+                b_b = b_b.to(tl.float32)
+                b_a = b_a.to(tl.float32)
+            b_ba = tl.dot(b_b, b_a, b_ba, input_precision=PREC)
+        b_v = b_w.to(tl.float32) + scaling * b_ba
+        b_sq += tl.sum(b_v * b_v, axis=1)
+        b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk, mask=m_n[:, None] & m_k[None, :],
+                      other=0.0)
+        if WQ == 0:
+            b_wx = b_w
+        else:
+            b_wx = _rounded(b_w, x_ptr)  # (W0 in its dtype, then in x's: as _fwd_kernel reads it)
+        if UPCAST:
+            b_x = b_x.to(tl.float32)
+            b_wx = b_wx.to(tl.float32)
+        b_acc = tl.dot(b_x, tl.trans(b_wx), b_acc, input_precision=PREC)
+    for r0 in range(0, R, BLOCK_R):
+        m_r = (r0 + o_r) < R
+        b_xa = tl.load(xa_ptr + o_n[:, None] * R + (r0 + o_r)[None, :], mask=m_n[:, None] & m_r[None, :],
+                       other=0.0).to(tl.float32)
+        b_bt = tl.load(b_ptr + o_m[None, :] * stride_bm + (r0 + o_r)[:, None] * stride_br,
+                       mask=m_m[None, :] & m_r[:, None], other=0.0).to(tl.float32)
+        b_acc = tl.dot(b_xa * scaling, b_bt, b_acc, input_precision=EPI_PREC)
+    b_nrm = tl.sqrt(b_sq)
+    if pid_n == 0:
+        tl.store(norm_ptr + o_m, b_nrm, mask=m_m)
+    b_mag = tl.load(mag_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)
+    b_g = tl.where(b_nrm > 0, b_mag / tl.where(b_nrm > 0, b_nrm, 1.0), 0.0)  # (_gate's rule)
+    b_y = b_g[None, :] * b_acc
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + o_m, mask=m_m, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + o_n[:, None] * stride_yn + o_m[None, :] * stride_ym, _rounded(b_y, y_ptr),
+             mask=m_n[:, None] & m_m[None, :])

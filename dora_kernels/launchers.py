@@ -205,6 +205,28 @@ def _xa(x, lora_A, *, dropout_p, dropout_seed):
     return xa
 
 
+def _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa):
+    """``(y, norm)`` from one pass over W0 (``heuristics.use_fwd_norm``: no dropout, no u)."""
+    N, K = x.shape
+    M = weight.shape[0]
+    R = lora_A.shape[0]
+    norm = torch.empty(M, dtype=torch.float32, device=x.device)
+    y = torch.empty((N, M), dtype=x.dtype, device=x.device)
+    arch, sms = target(x)
+    cfg = H.fwd_norm_config(N=N, M=M, dtype=x.dtype, arch=arch, num_sms=sms, wq=_wq(weight))
+    T = cfg.sizes["T"]  # (token blocks: each makes the norm of its rows again)
+    w_args, w_meta, w_reads = _w0_operands(weight)
+    meta = dict(cfg.meta, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype), LORA_F32=_lora_f32(x.dtype, lora_A.dtype),
+                PREC=_prec(), EPI_PREC=_epi_prec(), **w_meta)
+    launch(K_._fwd_norm_kernel, cfg.grid, meta,
+           flops=T * (2 * M * K * R + 3 * M * K) + 2 * N * M * K + 2 * N * M * R + 3 * N * M,
+           vector_flops=_dequant_flops(weight, N, cfg.meta["BLOCK_N"]),
+           reads=[x] + w_reads + [lora_A, lora_B, xa, magnitude] + ([bias] if bias is not None else []),
+           writes=[y, norm], y=y, norm=norm, x=x, a=lora_A, b=lora_B, xa=xa, mag=magnitude, bias=bias,
+           N=N, M=M, K=K, R=R, scaling=float(scaling), **w_args)
+    return y, norm
+
+
 def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=None, dropout_p=0.0, dropout_seed=0,
                  with_wa=False, need_u=True):
     """``(y, xa, u, norm, wa)`` of the op on 2-D x (unit last stride).
@@ -213,7 +235,9 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
     dtype; xa = x̃·Aᵀ (N, R) in ``xa_dtype``; with ``need_u`` u = x̃·W0ᵀ + s·xa·Bᵀ (N, M) in
     ``u_dtype``, the one (N, M) tensor the backward needs (else None); ``norm`` (M,) fp32 is
     reused when given, unless ``with_wa`` (the exact norm gradient also needs wa = W0·Aᵀ (M, R)
-    fp32, from the same pass as the norm; else wa is None).
+    fp32, from the same pass as the norm; else wa is None). Without dropout, u and a given norm, few
+    tokens (and a quantised W0 read in place) take the norm and y from one pass over W0
+    (``heuristics.use_fwd_norm``, ``_fwd_norm``).
     """
     N, K = x.shape
     M = weight.shape[0]
@@ -222,6 +246,11 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
     magnitude = magnitude.contiguous()
     bias = bias.contiguous() if bias is not None else None
     wa = None
+    if M and H.use_fwd_norm(N=N, wq=_wq(weight), has_dropout=dropout_p > 0, need_u=need_u, has_norm=norm is not None,
+                            with_wa=with_wa):
+        xa = _xa(x, lora_A, dropout_p=0.0, dropout_seed=0)
+        y, norm = _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa)
+        return y, xa, None, norm, None
     if norm is None or with_wa:
         norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
