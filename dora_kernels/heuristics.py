@@ -202,21 +202,28 @@ def norm_config(*, M: int, dtype, arch, has_wa: bool, wq: int = 0) -> Config:
 FWD_NORM_TOKENS = 16
 
 
-def use_fwd_norm(*, N: int, wq: int, has_dropout: bool, need_u: bool, has_norm: bool, with_wa: bool) -> bool:
+def use_fwd_norm(*, N: int, wq: int, has_dropout: bool, need_u: bool, has_norm: bool, with_wa: bool,
+                 fp32_dots: bool) -> bool:
+    """``fp32_dots``: the norm's B·A runs as fp32 dots (fp32 x, or adapters of another dtype than a
+    16-bit x): then only a single 16-token tile (with wider ones the three-product fp32 dots of the
+    norm and the GEMM's tile spill 12-370 bytes)."""
     if N == 0 or has_dropout or need_u or has_norm or with_wa:
         return False
-    if wq:
-        return dequant_in_kernel(N=N, has_dropout=False)
-    return N <= FWD_NORM_TOKENS
+    if wq and not dequant_in_kernel(N=N, has_dropout=False):
+        return False
+    return N <= FWD_NORM_TOKENS or (wq != 0 and not fp32_dots)
 
 
-def fwd_norm_config(*, N: int, M: int, dtype, arch, num_sms: int, wq: int = 0) -> Config:
+def fwd_norm_config(*, N: int, M: int, dtype, arch, num_sms: int, fp32_dots: bool, wq: int = 0) -> Config:
     """``_fwd_norm_kernel``: up to 16 tokens, one 16-token tile and the norm kernel's steps over K
     (``norm_config``), 32 rows a program, or 16 where 32-row programs would not fill the GPU's SMs;
-    more tokens (a quantised W0), the forward's tiles (``fwd_config``)."""
+    16 rows and 32-deep steps with ``fp32_dots`` (wider ones spill 8-250 bytes); more tokens (a
+    quantised W0, 16-bit dots), the forward's tiles (``fwd_config``)."""
     if N <= FWD_NORM_TOKENS:
         meta = dict(norm_config(M=M, dtype=dtype, arch=arch, has_wa=False, wq=wq).meta, BLOCK_N=16,
                     BLOCK_M=32 if cdiv(M, 32) >= num_sms else 16)
+        if fp32_dots:
+            meta.update(BLOCK_M=16, BLOCK_K=32)
     else:
         fwd = fwd_config(N=N, M=M, dtype=dtype, arch=arch, has_dropout=False, wq=wq).meta
         meta = {k: fwd[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "BLOCK_R", "num_warps", "num_stages")}

@@ -213,7 +213,8 @@ def _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa):
     norm = torch.empty(M, dtype=torch.float32, device=x.device)
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
     arch, sms = target(x)
-    cfg = H.fwd_norm_config(N=N, M=M, dtype=x.dtype, arch=arch, num_sms=sms, wq=_wq(weight))
+    cfg = H.fwd_norm_config(N=N, M=M, dtype=x.dtype, arch=arch, num_sms=sms, wq=_wq(weight),
+                            fp32_dots=x.dtype not in HALF or lora_A.dtype != x.dtype)
     T = cfg.sizes["T"]  # (token blocks: each makes the norm of its rows again)
     w_args, w_meta, w_reads = _w0_operands(weight)
     meta = dict(cfg.meta, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype), LORA_F32=_lora_f32(x.dtype, lora_A.dtype),
@@ -247,7 +248,7 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
     bias = bias.contiguous() if bias is not None else None
     wa = None
     if M and H.use_fwd_norm(N=N, wq=_wq(weight), has_dropout=dropout_p > 0, need_u=need_u, has_norm=norm is not None,
-                            with_wa=with_wa):
+                            with_wa=with_wa, fp32_dots=x.dtype not in HALF or lora_A.dtype != x.dtype):
         xa = _xa(x, lora_A, dropout_p=0.0, dropout_seed=0)
         y, norm = _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa)
         return y, xa, None, norm, None

@@ -528,6 +528,39 @@ def test_kernels_dequantise_in_registers_or_once_per_gemm(fmt, path, monkeypatch
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
 
 
+@pytest.mark.parametrize("fmt", [Fmt("nf4"), Fmt("fp4", False, 32), Fmt("int8")], ids=str)
+@pytest.mark.parametrize("tokens", [5, 40, 130])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_forward_makes_the_norm_in_its_pass_over_the_codes(fmt, tokens, dt, monkeypatch):
+    """Without u (eval, or training that saves y) the forward kernel makes the norm in its own pass over
+    the codes (``_fwd_norm_kernel``), also over several token blocks (130 tokens: two 128-token
+    tiles, each making the norm again): the two-pass kernels' norm and y (norm, then the forward, both
+    over the codes), to the GEMMs' rounding; 16-bit adapters in x's dtype (the fp32-dot cases stay
+    two-pass above 16 tokens)."""
+    from dora_kernels import heuristics, launchers
+
+    qw = QuantWeight.from_module(quantised(fmt, dtype=dt, compute_dtype=dt))
+    x = torch.randn(tokens, IN, device=DEVICE, dtype=dt)
+    A = (0.1 * torch.randn(R, IN, device=DEVICE)).to(dt)
+    B = (0.1 * torch.randn(OUT, R, device=DEVICE)).to(dt)
+    m = dequantize(qw).float().norm(dim=1) + 0.1
+    m[::4] *= -1
+    bias = torch.randn(OUT, device=DEVICE, dtype=dt)
+    names, cfgs = [], []
+    real, real_cfg = launchers.launch, heuristics.fwd_norm_config
+    monkeypatch.setattr(launchers, "launch", lambda k, *a, **kw: names.append(k.__name__) or real(k, *a, **kw))
+    monkeypatch.setattr(heuristics, "fwd_norm_config", lambda **kw: cfgs.append(real_cfg(**kw)) or cfgs[-1])
+    with dora_kernels.use_backend("triton"):
+        y, _, u, norm, _ = launchers.dora_forward(x, quant.packed(qw), A, B, m, 1.5, bias, need_u=False)
+        assert "_fwd_norm_kernel" in names and "_norm_kernel" not in names and u is None, names
+        assert cfgs[-1].sizes["T"] == (2 if tokens == 130 else 1), cfgs[-1]
+        y2, _, _, norm2, _ = launchers.dora_forward(x, quant.packed(qw), A, B, m, 1.5, bias, need_u=True)
+    assert "_norm_kernel" in names and "_fwd_kernel" in names
+    torch.testing.assert_close(norm, norm2, rtol=4 * 2.0**-23, atol=0)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dt]
+    torch.testing.assert_close(y, y2, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("fmt", [Fmt("nf4", True, 64), Fmt("fp4", False, 32), Fmt("nf4", True, 128, torch.bfloat16),
                                  Fmt("int8")], ids=str)
 @pytest.mark.parametrize("wdt, dt", [(torch.float32, torch.float32), (torch.float16, torch.float16),
