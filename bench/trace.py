@@ -1138,6 +1138,13 @@ def qdora_text(rows, gpu="H100-SXM") -> str:
         lines.append(f"| {name} | {layer} | {n} | {'-' if v is None else v} | {limit} | {_verdict(ok)} | "
                      f"{'-' if par is None else par} |")
     step = [r for r in rows if r["gpu"] == gpu and r["mode"] == "step" and r["tokens"] in TB.QDORA_STEP_TOKENS]
+    floors = [(r["layer"], r["tokens"], r["predicted_ms"] / q[0]["predicted_ms"]) for r in step
+              if r["provider"] == TB.QDORA_FLOOR
+              for q in [_find(step, provider="peft_qdora", layer=r["layer"], tokens=r["tokens"])] if q]
+    if floors:
+        lines += ["", f"The floor bounds any implementation: {TB.QDORA_FLOOR}'s step (dequantise and both GEMMs, "
+                  "nothing else) over PEFT QDoRA's: " + ", ".join(f"{l} N={n} {v:.3f}" for l, n, v in floors)
+                  + " (a target below it cannot be met)."]
     fused = [r for r in step if r["provider"] == "fused_qdora"]
     if fused:
         lines += ["", "How the fused path ran (launches of the step, as the package's code issued them on meta "

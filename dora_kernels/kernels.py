@@ -631,19 +631,21 @@ def _fwd_norm_kernel(
     codes_ptr, qmap_ptr, qscale_ptr,  # a quantised W0 (WQ = 4, 8; see _w0), else None
     a_ptr, stride_ar, stride_ak,  # A: rank, column
     b_ptr, stride_bm, stride_br,  # B: row, rank
-    xa_ptr,  # (N, R), contiguous
+    xa_ptr,  # (N, R), contiguous (HAS_XA; else None: the GEMM reads V = W0 + s·B·A in x's dtype)
     mag_ptr,  # (M,)
     bias_ptr,  # (M,) (HAS_BIAS; else None)
     N, M, K, R, scaling, qshift,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr, PREC: tl.constexpr,
-    EPI_PREC: tl.constexpr, WQ: tl.constexpr, QDT: tl.constexpr,
+    HAS_XA: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, LORA_F32: tl.constexpr,
+    PREC: tl.constexpr, EPI_PREC: tl.constexpr, WQ: tl.constexpr, QDT: tl.constexpr,
 ):
     # y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias with the norm made in the same pass over W0 (no dropout, no u):
     # each tile of W0 is loaded (a quantised one dequantised) once for ‖W0 + s·B·A‖, as in
     # _norm_kernel, and for x·W0ᵀ, as in _fwd_kernel (the same roundings). Each token block makes the
     # norm of its rows again (the same operations: the same values), the first one stores it.
-    # Consecutive programs share a tile of W0 (the token blocks are few).
+    # Consecutive programs share a tile of W0 (the token blocks are few). Without xa (eval with
+    # adapters in x's dtype) the GEMM reads the tile of V = W0 + s·B·A that the norm made, in x's
+    # dtype: x·Vᵀ is u, and the rank-r term needs no x·Aᵀ (nor its launch).
     num_n = tl.cdiv(N, BLOCK_N)
     pid_n = tl.program_id(0) % num_n
     pid_m = (tl.program_id(0) // num_n).to(tl.int64)
@@ -674,7 +676,9 @@ def _fwd_norm_kernel(
         b_sq += tl.sum(b_v * b_v, axis=1)
         b_x = tl.load(x_ptr + o_n[:, None] * stride_xn + o_k[None, :] * stride_xk, mask=m_n[:, None] & m_k[None, :],
                       other=0.0)
-        if WQ == 0:
+        if not HAS_XA:
+            b_wx = _rounded(b_v, x_ptr)
+        elif WQ == 0:
             b_wx = b_w
         else:
             b_wx = _rounded(b_w, x_ptr)  # (W0 in its dtype, then in x's: as _fwd_kernel reads it)
@@ -682,13 +686,14 @@ def _fwd_norm_kernel(
             b_x = b_x.to(tl.float32)
             b_wx = b_wx.to(tl.float32)
         b_acc = tl.dot(b_x, tl.trans(b_wx), b_acc, input_precision=PREC)
-    for r0 in range(0, R, BLOCK_R):
-        m_r = (r0 + o_r) < R
-        b_xa = tl.load(xa_ptr + o_n[:, None] * R + (r0 + o_r)[None, :], mask=m_n[:, None] & m_r[None, :],
-                       other=0.0).to(tl.float32)
-        b_bt = tl.load(b_ptr + o_m[None, :] * stride_bm + (r0 + o_r)[:, None] * stride_br,
-                       mask=m_m[None, :] & m_r[:, None], other=0.0).to(tl.float32)
-        b_acc = tl.dot(b_xa * scaling, b_bt, b_acc, input_precision=EPI_PREC)
+    if HAS_XA:
+        for r0 in range(0, R, BLOCK_R):
+            m_r = (r0 + o_r) < R
+            b_xa = tl.load(xa_ptr + o_n[:, None] * R + (r0 + o_r)[None, :], mask=m_n[:, None] & m_r[None, :],
+                           other=0.0).to(tl.float32)
+            b_bt = tl.load(b_ptr + o_m[None, :] * stride_bm + (r0 + o_r)[:, None] * stride_br,
+                           mask=m_m[None, :] & m_r[:, None], other=0.0).to(tl.float32)
+            b_acc = tl.dot(b_xa * scaling, b_bt, b_acc, input_precision=EPI_PREC)
     b_nrm = tl.sqrt(b_sq)
     if pid_n == 0:
         tl.store(norm_ptr + o_m, b_nrm, mask=m_m)

@@ -17,7 +17,7 @@ import torch
 from . import heuristics as H
 from . import kernels as K_
 from .backend import INTERPRET
-from .common import G_REDO, HALF, u_dtype, xa_dtype
+from .common import G_REDO, HALF, rows_packed, u_dtype, xa_dtype
 from .runtime import launch, target
 from .torch_path import dm_redo as dm_redo_torch
 
@@ -186,9 +186,14 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
 # forward
 
 def _xa(x, lora_A, *, dropout_p, dropout_seed):
-    """xa = x̃·Aᵀ (N, R) in ``xa_dtype``."""
+    """xa = x̃·Aᵀ (N, R) in ``xa_dtype``. Without dropout, with A in x's dtype, it is a plain GEMM with
+    nothing to fuse: torch's (cuBLAS; fp32 in tf32 where torch's switch allows it, as the kernels'
+    dots); otherwise the kernel, which applies the dropout mask in registers (x̃ is never stored) or
+    runs the fp32 dots of adapters of another dtype."""
     N, K = x.shape
     R = lora_A.shape[0]
+    if dropout_p == 0 and lora_A.dtype == x.dtype:
+        return torch.mm(rows_packed(x), lora_A.T)
     xa = torch.empty((N, R), dtype=xa_dtype(lora_A.dtype), device=x.device)
     if N == 0:
         return xa
@@ -206,7 +211,8 @@ def _xa(x, lora_A, *, dropout_p, dropout_seed):
 
 
 def _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa):
-    """``(y, norm)`` from one pass over W0 (``heuristics.use_fwd_norm``: no dropout, no u)."""
+    """``(y, norm)`` from one pass over W0 (``heuristics.use_fwd_norm``: no dropout, no u); without
+    ``xa`` the GEMM reads V = W0 + s·B·A (in x's dtype) and makes the rank-r term with the base."""
     N, K = x.shape
     M = weight.shape[0]
     R = lora_A.shape[0]
@@ -220,16 +226,17 @@ def _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa):
     meta = dict(cfg.meta, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype), LORA_F32=_lora_f32(x.dtype, lora_A.dtype),
                 PREC=_prec(), EPI_PREC=_epi_prec(), **w_meta)
     launch(K_._fwd_norm_kernel, cfg.grid, meta,
-           flops=T * (2 * M * K * R + 3 * M * K) + 2 * N * M * K + 2 * N * M * R + 3 * N * M,
+           flops=T * (2 * M * K * R + 3 * M * K) + 2 * N * M * K + (2 * N * M * R if xa is not None else 0) + 3 * N * M,
            vector_flops=_dequant_flops(weight, N, cfg.meta["BLOCK_N"]),
-           reads=[x] + w_reads + [lora_A, lora_B, xa, magnitude] + ([bias] if bias is not None else []),
+           reads=[x] + w_reads + [lora_A, lora_B] + ([xa] if xa is not None else []) + [magnitude]
+           + ([bias] if bias is not None else []),
            writes=[y, norm], y=y, norm=norm, x=x, a=lora_A, b=lora_B, xa=xa, mag=magnitude, bias=bias,
            N=N, M=M, K=K, R=R, scaling=float(scaling), **w_args)
     return y, norm
 
 
 def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=None, dropout_p=0.0, dropout_seed=0,
-                 with_wa=False, need_u=True):
+                 with_wa=False, need_u=True, need_xa=True):
     """``(y, xa, u, norm, wa)`` of the op on 2-D x (unit last stride).
 
     y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + bias, g = m / n (PEFT's dropout form when dropout_p > 0), in x's
@@ -238,7 +245,8 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
     reused when given, unless ``with_wa`` (the exact norm gradient also needs wa = W0·Aᵀ (M, R)
     fp32, from the same pass as the norm; else wa is None). Without dropout, u and a given norm, few
     tokens (and a quantised W0 read in place) take the norm and y from one pass over W0
-    (``heuristics.use_fwd_norm``, ``_fwd_norm``).
+    (``heuristics.use_fwd_norm``, ``_fwd_norm``); there, without ``need_xa`` (no backward) and with
+    adapters in x's dtype, xa is not made (the returned one is unset).
     """
     N, K = x.shape
     M = weight.shape[0]
@@ -249,9 +257,12 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
     wa = None
     if M and H.use_fwd_norm(N=N, wq=_wq(weight), has_dropout=dropout_p > 0, need_u=need_u, has_norm=norm is not None,
                             with_wa=with_wa, fp32_dots=x.dtype not in HALF or lora_A.dtype != x.dtype):
-        xa = _xa(x, lora_A, dropout_p=0.0, dropout_seed=0)
-        y, norm = _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa)
-        return y, xa, None, norm, None
+        if need_xa or lora_A.dtype != x.dtype:
+            xa = _xa(x, lora_A, dropout_p=0.0, dropout_seed=0)
+            y, norm = _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa)
+            return y, xa, None, norm, None
+        y, norm = _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, None)
+        return y, torch.empty((N, R), dtype=xa_dtype(lora_A.dtype), device=x.device), None, norm, None
     if norm is None or with_wa:
         norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)

@@ -114,7 +114,7 @@ def dora_forward(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magn
                  norm_grad: str, need_u: bool, save_output: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     y, xa, u, n, wa = _call("dora_forward", x, x, weight, lora_A, lora_B, magnitude, scaling, bias, norm=norm,
                             dropout_p=dropout_p, dropout_seed=_seed(dropout_seed), with_wa=norm_grad == "exact",
-                            need_u=need_u)
+                            need_u=need_u, need_xa=need_u or save_output)
     if n is norm:  # a custom op's outputs may not alias its inputs: the given norm is not returned
         n = n.new_empty(0)
     return y, xa, u if u is not None else x.new_empty(0), n, wa if wa is not None else n.new_empty(0)

@@ -618,7 +618,7 @@ class _QuantDoRA(torch.autograd.Function):
         def on_triton():  # (the launcher makes the norm, and W0·Aᵀ for the exact gradient, unless given)
             return launchers.dora_forward(x, packed(qw), lora_A, lora_B, magnitude, scaling, bias,
                                           norm=None if exact else norm, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                                          with_wa=exact, need_u=need_u)
+                                          with_wa=exact, need_u=need_u, need_xa=need_u or save_output)
 
         def on_torch():
             n, wa = (norm, None) if norm is not None and not exact else _torch_weight_norm(

@@ -39,8 +39,8 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
 
 
 def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=None, dropout_p=0.0, dropout_seed=0,
-                 with_wa=False, need_u=True):
-    """As ``launchers.dora_forward``."""
+                 with_wa=False, need_u=True, need_xa=True):
+    """As ``launchers.dora_forward`` (xa is made whatever ``need_xa``)."""
     wa = None
     if norm is None or with_wa:
         norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)

@@ -34,14 +34,16 @@ def _tensors(N, R, dt, adt, bias, seed=0):
 
 @pytest.fixture
 def launched(monkeypatch):
+    """The kernels launched, and "xa" where x·Aᵀ is made (a kernel, or torch's GEMM)."""
     names = []
-    real = launchers.launch
+    real, real_xa = launchers.launch, launchers._xa
     monkeypatch.setattr(launchers, "launch", lambda k, *a, **kw: names.append(k.__name__) or real(k, *a, **kw))
+    monkeypatch.setattr(launchers, "_xa", lambda *a, **kw: names.append("xa") or real_xa(*a, **kw))
     return names
 
 
 @pytest.mark.parametrize("how, tokens, fused", [
-    ("eval", 1, True), ("eval", 16, True), ("eval", 17, False),
+    ("eval", 1, True), ("eval", 16, True), ("eval", 17, False), ("eval-16-bit", 7, True),
     ("train-save-output", 16, True),  # no dropout, no bias: the backward reads y, not u
     ("train-bias", 5, False),  # the backward needs u
     ("train-dropout", 5, False),
@@ -49,7 +51,8 @@ def launched(monkeypatch):
     ("train-exact-norm", 5, False),  # W0·Aᵀ comes from the norm kernel
 ])
 def test_which_calls_take_it(how, tokens, fused, launched):
-    x, w, A, B, m, b = _tensors(tokens, 3, torch.float32, torch.float32, how == "train-bias")
+    dt = torch.bfloat16 if how == "eval-16-bit" else torch.float32
+    x, w, A, B, m, b = _tensors(tokens, 3, dt, dt, how == "train-bias")
     train = how.startswith("train")
     A.requires_grad_(train)
     kw = dict(training=train, dropout_p=0.3 if how == "train-dropout" else 0.0)
@@ -63,6 +66,8 @@ def test_which_calls_take_it(how, tokens, fused, launched):
     assert ("_fwd_norm_kernel" in launched) == fused, launched
     if fused:
         assert "_norm_kernel" not in launched and "_fwd_kernel" not in launched, launched
+        # x·Aᵀ only for the backward: the eval forward reads V = W0 + s·B·A instead
+        assert ("xa" in launched) == train, launched
 
 
 @pytest.mark.parametrize("N", [1, 7, 16])
@@ -71,21 +76,25 @@ def test_which_calls_take_it(how, tokens, fused, launched):
                                      (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
                          ids=["fp32", "fp16", "bf16", "bf16+fp32"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_it_computes_the_op(N, R, dt, adt, bias):
-    """y and the norm of the kernel: the two-pass kernels' to their rounding, and within the
-    shared rule of float64 (against the torch path in the same dtypes)."""
+@pytest.mark.parametrize("need_xa", [True, False], ids=["xa", "no-xa"])
+def test_it_computes_the_op(N, R, dt, adt, bias, need_xa):
+    """y and the norm of the kernel: the two-pass kernels' to their rounding (with xa: the same
+    operands), and within the shared rule of float64 (against the torch path in the same dtypes).
+    Without ``need_xa`` and adapters in x's dtype the GEMM reads V = W0 + s·B·A in x's dtype."""
     x, w, A, B, m, b = _tensors(N, R, dt, adt, bias, seed=N * 100 + R)
     s = 1.7
+    via_v = not need_xa and adt == dt
     assert heuristics.use_fwd_norm(N=N, wq=0, has_dropout=False, need_u=False, has_norm=False, with_wa=False,
                                    fp32_dots=adt != dt or dt == torch.float32)
     with dora_kernels.use_backend("triton"):
-        y, xa, u, norm, wa = launchers.dora_forward(x, w, A, B, m, s, b, need_u=False)
+        y, xa, u, norm, wa = launchers.dora_forward(x, w, A, B, m, s, b, need_u=False, need_xa=need_xa)
         y2, _, u2, norm2, _ = launchers.dora_forward(x, w, A, B, m, s, b, need_u=True)  # norm, xa, fwd kernels
     assert u is None and wa is None and u2 is not None
     torch.testing.assert_close(norm, norm2, rtol=4 * 2.0**-23, atol=0)
-    torch.testing.assert_close(xa, launchers._xa(x, A, dropout_p=0.0, dropout_seed=0), rtol=0, atol=0)
     ulp = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dt]
-    torch.testing.assert_close(y.float(), y2.float(), rtol=2 * ulp, atol=2 * ulp * y2.float().abs().max().item())
+    if not via_v:
+        torch.testing.assert_close(xa, launchers._xa(x, A, dropout_p=0.0, dropout_seed=0), rtol=0, atol=0)
+        torch.testing.assert_close(y.float(), y2.float(), rtol=2 * ulp, atol=2 * ulp * y2.float().abs().max().item())
 
     ref = torch_path.dora_forward(x, w, A, B, m, s, b, need_u=False)[0]
     d = [t.double() if t is not None else None for t in (x, w, A, B, m, b)]

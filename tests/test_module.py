@@ -32,9 +32,12 @@ def _layer(device, dtype="f32", adapter=None, *, bias=True, seed=0, cls=dora_ker
 
 
 def _uncached(layer, x):
-    """The functional op on the layer's current weights, norm computed afresh."""
+    """The functional op on the layer's current weights, norm computed afresh (and handed to the op, so
+    that the same forward kernel runs as with the cached norm: without one, a few tokens take the
+    forward that makes the norm in its own pass, another rounding)."""
+    norm = dora_kernels.weight_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)[0]
     return dora_kernels.dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling,
-                                    layer.bias, training=False)
+                                    layer.bias, training=False, weight_norm=norm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -531,12 +531,13 @@ def test_kernels_dequantise_in_registers_or_once_per_gemm(fmt, path, monkeypatch
 @pytest.mark.parametrize("fmt", [Fmt("nf4"), Fmt("fp4", False, 32), Fmt("int8")], ids=str)
 @pytest.mark.parametrize("tokens", [5, 40, 130])
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_forward_makes_the_norm_in_its_pass_over_the_codes(fmt, tokens, dt, monkeypatch):
+@pytest.mark.parametrize("need_xa", [True, False], ids=["xa", "no-xa"])
+def test_forward_makes_the_norm_in_its_pass_over_the_codes(fmt, tokens, dt, need_xa, monkeypatch):
     """Without u (eval, or training that saves y) the forward kernel makes the norm in its own pass over
     the codes (``_fwd_norm_kernel``), also over several token blocks (130 tokens: two 128-token
     tiles, each making the norm again): the two-pass kernels' norm and y (norm, then the forward, both
     over the codes), to the GEMMs' rounding; 16-bit adapters in x's dtype (the fp32-dot cases stay
-    two-pass above 16 tokens)."""
+    two-pass above 16 tokens). Without ``need_xa`` (eval) the GEMM reads V = W0 + s·B·A in x's dtype."""
     from dora_kernels import heuristics, launchers
 
     qw = QuantWeight.from_module(quantised(fmt, dtype=dt, compute_dtype=dt))
@@ -547,12 +548,15 @@ def test_forward_makes_the_norm_in_its_pass_over_the_codes(fmt, tokens, dt, monk
     m[::4] *= -1
     bias = torch.randn(OUT, device=DEVICE, dtype=dt)
     names, cfgs = [], []
-    real, real_cfg = launchers.launch, heuristics.fwd_norm_config
+    real, real_cfg, real_xa = launchers.launch, heuristics.fwd_norm_config, launchers._xa
     monkeypatch.setattr(launchers, "launch", lambda k, *a, **kw: names.append(k.__name__) or real(k, *a, **kw))
+    monkeypatch.setattr(launchers, "_xa", lambda *a, **kw: names.append("xa") or real_xa(*a, **kw))
     monkeypatch.setattr(heuristics, "fwd_norm_config", lambda **kw: cfgs.append(real_cfg(**kw)) or cfgs[-1])
     with dora_kernels.use_backend("triton"):
-        y, _, u, norm, _ = launchers.dora_forward(x, quant.packed(qw), A, B, m, 1.5, bias, need_u=False)
+        y, _, u, norm, _ = launchers.dora_forward(x, quant.packed(qw), A, B, m, 1.5, bias, need_u=False,
+                                                  need_xa=need_xa)
         assert "_fwd_norm_kernel" in names and "_norm_kernel" not in names and u is None, names
+        assert ("xa" in names) == need_xa, names
         assert cfgs[-1].sizes["T"] == (2 if tokens == 130 else 1), cfgs[-1]
         y2, _, _, norm2, _ = launchers.dora_forward(x, quant.packed(qw), A, B, m, 1.5, bias, need_u=True)
     assert "_norm_kernel" in names and "_fwd_kernel" in names

@@ -44,7 +44,7 @@ def test_columns_and_rows(rows):
 def test_fused_counts_are_sane(rows):
     fused, floor = _one(rows, "fused", "step"), _one(rows, "linear", "step")
     assert 3 <= fused["launches"] <= 24, fused["launches"]
-    assert fused["triton_launches"] >= 5  # norm, x·Aᵀ, forward, the pass over G, dx
+    assert fused["triton_launches"] >= 5  # norm, forward, the pass over G, dx, the sums (x·Aᵀ: torch's GEMM)
     assert floor["launches"] == 2  # x·W0ᵀ and the input gradient
     assert fused["mm_flops"] >= floor["mm_flops"]
     # DoRA adds O(r) work per token and column: a few percent at r = 16.
@@ -54,7 +54,7 @@ def test_fused_counts_are_sane(rows):
     assert floor["hbm_bytes"] == 2 * 2 * (n * k + k * m + n * m)
     assert fused["ratio_floor"] >= 1.0
     eval_ = _one(rows, "fused", "eval")
-    assert eval_["saved_bytes"] == 0 and eval_["triton_launches"] >= 2
+    assert eval_["saved_bytes"] == 0 and eval_["triton_launches"] >= 1  # the forward (norm cached; x·Aᵀ: torch's)
 
 
 def test_saved_for_backward(rows):
