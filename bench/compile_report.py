@@ -145,6 +145,7 @@ class Case:
     frozen_a: int = 0  # lora_A needs no gradient (DVoRA's shared projection): no dA partials
     quant: str = ""  # a quantised W0 (QDoRA): "nf4" (nested absmax) or "int8"
     wdtype: str = ""  # the quantised W0's dtype where it is not x's
+    dvora: str = ""  # DVoRA's factor alone (_dvora_cases): vera_B's dtype; dtype, adapter: λ_d's, λ_b's
 
     @property
     def label(self):
@@ -152,7 +153,8 @@ class Case:
         return (f"{self.in_f}->{self.out_f} N={self.tokens} r={self.r} {d}"
                 f"{' drop' if self.dropout else ''}{' bias' if self.bias else ''}"
                 f"{'' if self.need_dx else ' no-dx'}{' exact' if self.exact else ''}{' tf32' if self.tf32 else ''}{' frozen-A' if self.frozen_a else ''}"
-                f"{f' {self.quant}' if self.quant else ''}{f' W0 {self.wdtype}' if self.wdtype else ''}")
+                f"{f' {self.quant}' if self.quant else ''}{f' W0 {self.wdtype}' if self.wdtype else ''}"
+                f"{f' dvora B {self.dvora}' if self.dvora else ''}")
 
 
 def _grid(source, shapes, tokens, ranks, pairs, flags=FLAG_SETS, tf32=(0,), frozen_a=0) -> list:
@@ -202,6 +204,39 @@ def meta_quant_weight(fmt: str, out_f: int, in_f: int, dtype, blocksize: int = 6
                        blocksize=blocksize, nested=nested)
 
 
+# DVoRA's factor B′ = diag(λ_b)·B·diag(λ_d) and its λ gradients (dora_kernels.kernels_dvora), alone
+# (the DoRA kernels with its frozen A are the frozen-A cases above): every tile of the
+# heuristics.dvora_*_config functions (outs and ranks at and around their edges, odd ones) for every
+# pair of λ dtypes over an fp32 vera_B, and over a vera_B in λ_b's 16-bit dtype (a model cast whole);
+# for odd r vera_B is a slice of a wider one (r + 1 columns).
+DVORA_OUTS = (1, 1001, 4096, 28672)
+DVORA_RANKS = (1, 17, 64, 256, 1024)
+DVORA_DTYPES = [(d, b, v) for d, b in itertools.product(("fp32", "fp16", "bf16"), repeat=2)
+                for v in ("fp32",) + ((b,) if b != "fp32" else ())]
+
+
+def _dvora_cases() -> list:
+    return [Case(0, o, 0, r, ld, lb, 0, 0, 0, 0, "coverage", dvora=b)
+            for o, r, (ld, lb, b) in itertools.product(DVORA_OUTS, DVORA_RANKS, DVORA_DTYPES)]
+
+
+def _record_dvora(case: Case, arch: int) -> list:
+    """The launches of ``dvora_ops.dvora_factor`` and its backward for a ``_dvora_cases`` case."""
+    from dora_kernels import dvora_ops, runtime
+
+    from bench.trace import OpCounter
+
+    vb = torch.empty((case.out_f, case.r + case.r % 2), device="meta", dtype=DTYPES[case.dvora])[:, :case.r]
+    ld = torch.empty((case.r,), device="meta", dtype=DTYPES[case.dtype], requires_grad=True)
+    lb = torch.empty((case.out_f,), device="meta", dtype=DTYPES[case.adapter], requires_grad=True)
+    launches = []
+    with runtime.trace_target((arch // 10, arch % 10), SMS.get(arch, 132)), runtime.recording(launches.append), \
+            OpCounter([]):
+        b = dvora_ops.dvora_factor(vb, ld, lb)
+        b.backward(torch.empty_like(b))
+    return launches
+
+
 def cases(quick: bool = False) -> list:
     if quick:
         q = QUICK
@@ -213,12 +248,14 @@ def cases(quick: bool = False) -> list:
             + _grid("coverage", COVER_SHAPES, EDGE_TOKENS, EDGE_RANKS, ALL_PAIRS, tf32=(0, 1))
             + _grid("coverage", BENCH_SHAPES[:1] + COVER_SHAPES, EDGE_TOKENS, FROZEN_A_RANKS, DTYPE_PAIRS,
                     flags=FROZEN_A_FLAGS, frozen_a=1)
-            + _quant_grid())
+            + _quant_grid() + _dvora_cases())
 
 
 def record(case: Case, arch: int) -> list:
     """The ``Launch`` records (kernel + actual arguments) of one training step and one eval
     forward of the fused op for ``case``, planned for sm_<arch>."""
+    if case.dvora:
+        return _record_dvora(case, arch)
     dt, adt = DTYPES[case.dtype], DTYPES[case.adapter]
     dev = "meta"
     x = torch.empty((case.tokens, case.in_f), device=dev, dtype=dt, requires_grad=bool(case.need_dx))

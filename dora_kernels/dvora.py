@@ -62,7 +62,7 @@ try:
 except ImportError:  # isinstance(x, ()) is False: no Conv1D base without transformers
     Conv1D = ()
 
-from .dvora_ops import dvora_delta_weight, dvora_linear, dvora_weight_norm, vera_projections
+from .dvora_ops import dvora_delta_weight, dvora_linear, dvora_weight_norm, frozen_cast, vera_projections
 
 __all__ = ["DVoRAConfig", "DVoRALayer", "DVoRALinear", "DVoRAModel"]
 
@@ -206,14 +206,15 @@ class DVoRALayer(BaseTunerLayer):
         w = self.get_base_layer().weight
         return w.T if self.fan_in_fan_out else w
 
-    def _projections(self, adapter: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's slices ``A (r, in)``, ``B (out, r)`` of the shared projections (views)."""
+    def _projections(self, adapter: str, device=None, a_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's slices ``A (r, in)``, ``B (out, r)`` of the shared projections (views), on
+        ``device`` and A in ``a_dtype`` if given: of copies of the whole projections that
+        ``frozen_cast`` makes once and shares with every layer, not per step."""
         r = self.r[adapter]
-        A = self.vera_A[adapter][:r, : self.in_features]
-        B = self.vera_B[adapter][: self.out_features, :r]
-        if device is not None:
-            A, B = A.to(device), B.to(device)
-        return A, B
+        A, B = self.vera_A[adapter], self.vera_B[adapter]
+        if device is not None or a_dtype is not None:
+            A, B = frozen_cast(A, a_dtype, device), frozen_cast(B, None, device)
+        return A[:r, : self.in_features], B[: self.out_features, :r]
 
     def update_layer(self, adapter_name, vera_A: BufferDict, vera_B: BufferDict, r, config: DVoRAConfig,
                      inference_mode: bool = False, **kwargs):
@@ -365,11 +366,13 @@ class DVoRALinear(nn.Module, DVoRALayer):
 
     def _adapter_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
-        A, B = self._projections(adapter, x.device)
+        lam_d, lam_b = self.dvora_lambda_d[adapter], self.dvora_lambda_b[adapter]
+        # A in the adapters' dtype, as the op takes it (dvora_factors): cast once, not every step.
+        A, B = self._projections(adapter, x.device, torch.promote_types(lam_d.dtype, lam_b.dtype))
         drop = self.dvora_dropout[adapter]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-        return dvora_linear(x, self._base_weight(), A, B, self.dvora_lambda_d[adapter], self.dvora_lambda_b[adapter],
-                            self.dvora_magnitude[adapter], base.bias, dropout_p=p, training=self.training)
+        return dvora_linear(x, self._base_weight(), A, B, lam_d, lam_b, self.dvora_magnitude[adapter], base.bias,
+                            dropout_p=p, training=self.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

@@ -9,22 +9,31 @@ the layer's slices of the shared frozen projections ``vera_A`` A ``(r, in)`` and
     y  = g ⊙ (x·W0ᵀ + ((x·Aᵀ) ⊙ λ_d)·(diag(λ_b)·B)ᵀ) + bias                     (no dropout)
     y  = x·W0ᵀ + bias + (g − 1) ⊙ (x̃·W0ᵀ) + g ⊙ ((x̃·Aᵀ) ⊙ λ_d)·(diag(λ_b)·B)ᵀ   (dropout, PEFT's form)
 
-That is the DoRA op with ``lora_A = A`` (frozen), ``lora_B = diag(λ_b)·B·diag(λ_d)`` (an
-``(out, r)`` expression autograd differentiates) and ``scaling = 1``: torch turns the op's dB′
-into ``dλ_b = Σ_r (B ⊙ λ_d) ⊙ dB′`` and ``dλ_d = Σ_out (λ_b ⊙ B) ⊙ dB′``, and no ``(r, in)``
-gradient is returned for A.
+That is the DoRA op with ``lora_A = A`` (frozen), ``lora_B = B′ = diag(λ_b)·B·diag(λ_d)`` and
+``scaling = 1``; no ``(r, in)`` gradient is returned for A. B′ is the ``torch.library`` op
+``dora_kernels::dvora_factor(vera_B, lambda_d, lambda_b) -> B′`` (one Triton launch:
+``kernels_dvora``), whose backward ``dora_kernels::dvora_factor_backward`` turns the op's dB′ into
+``dλ_b = Σ_r (dB′ ⊙ λ_d) ⊙ B`` and ``dλ_d = Σ_out dB′ ⊙ (λ_b ⊙ B)`` in one pass over dB′ and a sum
+of per-program partials (two launches); both run the pure-torch path where the kernels do not
+(``ops._run``). ``frozen_cast`` keeps a frozen A cast to the adapters' dtype across steps.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .ops import dora_linear, weight_norm
+from . import heuristics as H
+from . import kernels_dvora as KD
+from .ops import _run, dora_linear, weight_norm
+from .runtime import launch, target
 
-__all__ = ["dvora_delta_weight", "dvora_factors", "dvora_linear", "dvora_weight_norm", "vera_projections"]
+__all__ = ["dvora_delta_weight", "dvora_factors", "dvora_linear", "dvora_weight_norm", "frozen_cast",
+           "vera_projections"]
 
 
 def _kaiming_uniform(shape: tuple, generator: torch.Generator) -> torch.Tensor:
@@ -69,16 +78,157 @@ def _check(weight, vera_A, vera_B, lambda_d, lambda_b, magnitude):
         raise ValueError(f"magnitude must have shape (out={M},), got {tuple(magnitude.shape)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# the factor B′ = diag(λ_b)·B·diag(λ_d): Triton launchers, the torch path, the op
+
+def _factor_dtype(lambda_d, lambda_b) -> torch.dtype:
+    return torch.promote_types(lambda_d.dtype, lambda_b.dtype)
+
+
+def factor_forward(vera_B, lambda_d, lambda_b):
+    """``B′ = (λ_b ⊙ B) ⊙ λ_d`` (M, R) in the wider λ dtype: fp32 products rounded once, one launch.
+    vera_B (M, R) any strides; lambda_d (R,); lambda_b (M,)."""
+    M, R = vera_B.shape
+    b = torch.empty((M, R), dtype=_factor_dtype(lambda_d, lambda_b), device=vera_B.device)
+    if M and R:
+        cfg = H.dvora_b_config(M=M, R=R)
+        launch(KD._dvora_b_kernel, cfg.grid, cfg.meta, flops=2 * M * R, unit="vector",
+               reads=[vera_B, lambda_b, lambda_d], writes=[b], b=b, vb=vera_B, lb=lambda_b, ld=lambda_d, M=M, R=R)
+    return b
+
+
+def factor_backward(db, vera_B, lambda_d, lambda_b):
+    """``(dλ_d (R,), dλ_b (M,))`` in the λs' dtypes from ``db = dL/dB′ (M, R)``: one pass over dB′
+    (dλ_b, and fp32 dλ_d partials per block of rows), then the partials' sum."""
+    M, R = vera_B.shape
+    dev = vera_B.device
+    dlb = torch.empty(M, dtype=lambda_b.dtype, device=dev)
+    dld = torch.empty(R, dtype=lambda_d.dtype, device=dev)
+    if M == 0 or R == 0:
+        return dld.zero_(), dlb
+    _, sms = target(vera_B)
+    cfg = H.dvora_dlambda_config(M=M, R=R, num_sms=sms)
+    dld_part = torch.empty((cfg.sizes["T"], R), dtype=torch.float32, device=dev)
+    launch(KD._dvora_dlambda_kernel, cfg.grid, cfg.meta, flops=5 * M * R, unit="vector",
+           reads=[db, vera_B, lambda_b, lambda_d], writes=[dlb, dld_part],
+           dlb=dlb, dld_part=dld_part, db=db, vb=vera_B, lb=lambda_b, ld=lambda_d, M=M, R=R)
+    cfg = H.dvora_sum_config(M=M, R=R, block_m=cfg.meta["BLOCK_M"])
+    launch(KD._dvora_sum_kernel, cfg.grid, cfg.meta, flops=dld_part.numel(), unit="vector", reads=[dld_part],
+           writes=[dld], dld=dld, dld_part=dld_part, M=M, R=R)
+    return dld, dlb
+
+
+def factor_forward_torch(vera_B, lambda_d, lambda_b):
+    """As ``factor_forward``, in torch (the same fp32 products, rounded once)."""
+    dtype = _factor_dtype(lambda_d, lambda_b)
+    return (lambda_b.float()[:, None] * vera_B.float() * lambda_d.float()[None, :]).to(dtype)
+
+
+def factor_backward_torch(db, vera_B, lambda_d, lambda_b):
+    """As ``factor_backward``, in torch: autograd's formulas for ``factor_forward_torch``."""
+    g = db.float()
+    dld = (g * (lambda_b.float()[:, None] * vera_B.float())).sum(0)
+    dlb = ((g * lambda_d.float()[None, :]) * vera_B.float()).sum(1)
+    return dld.to(lambda_d.dtype), dlb.to(lambda_b.dtype)
+
+
+def _probe(lambda_d, lambda_b) -> Tensor:
+    # The wider λ: its dtype and device choose the path (float64: torch); vera_B is read in its own dtype.
+    return lambda_d if lambda_d.dtype == _factor_dtype(lambda_d, lambda_b) else lambda_b
+
+
+@torch.library.custom_op("dora_kernels::dvora_factor", mutates_args=())
+def dvora_factor(vera_B: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> Tensor:
+    """``B′ = diag(λ_b)·B·diag(λ_d)`` (M, R) in the wider λ dtype, differentiable in λ_d, λ_b (and B)."""
+    return _run(_probe(lambda_d, lambda_b), lambda: factor_forward(vera_B, lambda_d, lambda_b),
+                lambda: factor_forward_torch(vera_B, lambda_d, lambda_b))
+
+
+@dvora_factor.register_fake
+def _(vera_B, lambda_d, lambda_b):
+    return vera_B.new_empty(vera_B.shape, dtype=_factor_dtype(lambda_d, lambda_b))
+
+
+@torch.library.custom_op("dora_kernels::dvora_factor_backward", mutates_args=())
+def dvora_factor_backward(db: Tensor, vera_B: Tensor, lambda_d: Tensor, lambda_b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dλ_d, dλ_b)`` from ``db = dL/dB′`` (M, R)."""
+    return _run(_probe(lambda_d, lambda_b), lambda: factor_backward(db, vera_B, lambda_d, lambda_b),
+                lambda: factor_backward_torch(db, vera_B, lambda_d, lambda_b))
+
+
+@dvora_factor_backward.register_fake
+def _(db, vera_B, lambda_d, lambda_b):
+    return lambda_d.new_empty(lambda_d.shape), lambda_b.new_empty(lambda_b.shape)
+
+
+def _factor_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _factor_autograd_backward(ctx, db):
+    vera_B, lambda_d, lambda_b = ctx.saved_tensors
+    need_vb, need_d, need_b = ctx.needs_input_grad
+    dld = dlb = dvb = None
+    if need_d or need_b:
+        dld, dlb = dvora_factor_backward(db, vera_B, lambda_d, lambda_b)
+    if need_vb:  # (VeRA freezes B; a B that trains gets dB = diag(λ_b)·dB′·diag(λ_d))
+        dvb = ((lambda_b.float()[:, None] * db.float()) * lambda_d.float()[None, :]).to(vera_B.dtype)
+    return dvb, dld if need_d else None, dlb if need_b else None
+
+
+dvora_factor.register_autograd(_factor_autograd_backward, setup_context=_factor_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# a frozen A in the adapters' dtype, kept across steps
+
+_FROZEN_CASTS: dict = {}  # (id(src), dtype, device) -> (stamp of src, its copy)
+
+
+def _stamp(src: Tensor) -> tuple:
+    # What a change to src changes: its version counter (in-place writes), storage and layout
+    # (``.data =``, ``set_``).
+    return src._version, src.data_ptr(), tuple(src.shape), src.stride(), src.dtype, src.device
+
+
+def frozen_cast(src: Tensor, dtype=None, device=None) -> Tensor:
+    """``src.to(device, dtype)`` of a frozen tensor (no grad), copied once and reused while ``src``
+    is the same tensor, unchanged: a write to it in place (its ``_version``), new storage, or a new
+    tensor in its place makes a new copy; the copy is dropped with ``src``. A tensor that requires
+    grad, one already in that dtype and device, and traced code (``torch.compile``) get plain ``.to``.
+    The DVoRA layer casts the model's shared ``vera_A`` (r, max_in) with it, so one copy serves
+    every layer."""
+    dtype = src.dtype if dtype is None else dtype
+    device = src.device if device is None else torch.device(device)
+    if (src.requires_grad or (src.dtype == dtype and src.device == device) or src.is_inference()
+            or torch.compiler.is_compiling()):
+        return src.to(device=device, dtype=dtype)
+    key = (id(src), dtype, device)
+    stamp = _stamp(src)
+    hit = _FROZEN_CASTS.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    copy = src.detach().to(device=device, dtype=dtype)
+    if hit is None:  # (id(src) is not reused before src is freed, and with it this entry)
+        weakref.finalize(src, _FROZEN_CASTS.pop, key, None)
+    _FROZEN_CASTS[key] = (stamp, copy)
+    return copy
+
+
 def dvora_factors(vera_A, vera_B, lambda_d, lambda_b):
     """The DoRA factors of a DVoRA layer: ``(lora_A, lora_B) = (A, diag(λ_b)·B·diag(λ_d))``.
 
     vera_A (r, in), vera_B (out, r), lambda_d (r,), lambda_b (out,). Both come in the wider of
-    the λ dtypes; lora_B is differentiable in the λs. The product is formed in fp32 and rounded
-    once, so 16-bit λs lose no more than one rounding.
+    the λ dtypes (A as given when it already is: pass ``frozen_cast`` copies to cast it once);
+    lora_B is ``dvora_factor``, differentiable in the λs: formed in fp32 and rounded once, so
+    16-bit λs lose no more than one rounding.
     """
-    dtype = torch.promote_types(lambda_d.dtype, lambda_b.dtype)
-    lora_B = (lambda_b.float()[:, None] * vera_B.float() * lambda_d.float()[None, :]).to(dtype)
-    return vera_A.to(device=lora_B.device, dtype=dtype), lora_B
+    for name, t in (("vera_B", vera_B), ("lambda_d", lambda_d)):
+        if t.device != lambda_b.device:
+            raise ValueError(f"{name} is on {t.device} but lambda_b is on {lambda_b.device}: the factors must "
+                             "share a device")
+    lora_B = dvora_factor(vera_B, lambda_d, lambda_b)
+    return vera_A.to(device=lora_B.device, dtype=lora_B.dtype), lora_B
 
 
 @torch.no_grad()

@@ -374,3 +374,31 @@ AUTOTUNED = {
                             lambda a: (cdiv(a["N"], a["BLOCK_N"]) * cdiv(a["K"], a["BLOCK_K"]),),
                             ("N", "M", "K", "R", "HAS_DROPOUT", "HAS_DX"), lambda meta: meta.get("HAS_DX", True)),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# DVoRA's factor B′ = diag(λ_b)·B·diag(λ_d) (``kernels_dvora``): elementwise passes over (M, R)
+
+def dvora_b_config(*, M: int, R: int) -> Config:
+    """``_dvora_b_kernel``: tiles of up to 128 ranks × 16-64 rows, about 2048 elements (4096 spill
+    4-16 bytes with fp16 on sm_80/90/120)."""
+    br = _pow2(R, 16, 128)
+    bm = max(16, min(64, 2048 // br))
+    return Config({"BLOCK_M": bm, "BLOCK_R": br, "num_warps": 4}, (cdiv(M, bm), cdiv(R, br)))
+
+
+def dvora_dlambda_config(*, M: int, R: int, num_sms: int) -> Config:
+    """``_dvora_dlambda_kernel``: 16 or 32 rows a program (about two waves of the SMs; 64-row tiles
+    take up to 211 registers), all ranks in steps of up to 64. ``sizes["T"]``: programs, one dλ_d
+    partial row each."""
+    br = _pow2(R, 16, 64)
+    bm = _pow2(cdiv(M, 2 * num_sms), 16, 32)
+    T = cdiv(M, bm)
+    return Config({"BLOCK_M": bm, "BLOCK_R": br, "num_warps": 4}, (T,), {"T": T})
+
+
+def dvora_sum_config(*, M: int, R: int, block_m: int) -> Config:
+    """``_dvora_sum_kernel``: 64 ranks a program over the partials of ``dvora_dlambda_config``
+    (``block_m``: its rows a partial), 32 partials a step."""
+    br = _pow2(R, 16, 64)
+    return Config({"BLOCK_M": block_m, "BLOCK_T": 32, "BLOCK_R": br, "num_warps": 4}, (cdiv(R, br),))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dora_kernels
-from dora_kernels import backend, kernels, runtime
+from dora_kernels import backend, kernels, kernels_dvora, runtime
 from dora_kernels.testing import DEVICE
 
 
@@ -81,8 +81,8 @@ def test_bind_errors_name_the_argument(args, meta, msg):
 def test_every_kernel_takes_its_flags_from_its_tensors():
     """Each optional tensor of a kernel has its HAS_ flag and vice versa, except the mode flags."""
     modes = {"HAS_DROPOUT"}
-    for name in dir(kernels):
-        k = getattr(kernels, name)
+    for module, name in [(m, n) for m in (kernels, kernels_dvora) for n in dir(m)]:
+        k = getattr(module, name)
         if not name.endswith("_kernel"):
             continue
         names = list(k.arg_names)
