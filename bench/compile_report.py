@@ -237,23 +237,111 @@ def _record_dvora(case: Case, arch: int) -> list:
     return launches
 
 
+# DoRA's combination on conv outputs (dora_kernels.conv, kernels_conv): the forward, backward and
+# partial-sum kernels over every tile of heuristics.conv_config (positions 16/49/4096 in NCHW,
+# channels 4/320 channels_last), each form, the dtype pairs a fused PEFT conv reaches (dropout: same
+# dtype only, PEFT fails otherwise) with the base's or the promoted output dtype, and every subset of
+# trainable inputs (the empty one: an eval forward), which gives every output flag of the backward.
+CONV_BENCH = (2, 320, 64, 64)  # the trace's Stable-Diffusion UNet 3x3 conv output
+CONV_SHAPES = [((3, 5, 4, 4), "nchw"), ((1, 7, 7, 7), "nchw"), ((2, 4, 9, 9), "channels_last")]
+CONV_FORMS = ("bias-in-result", "bias-added", "no-bias", "dropout")
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """``dora_conv_scale`` (``form``: bias taken out of the result, added only, none) or
+    ``dora_conv_dropout`` on a (batch, channels, *spatial) output in ``layout``; ``out``: the output
+    dtype ("" the promoted one, as for a fused layer's earlier adapters)."""
+
+    shape: tuple
+    layout: str
+    dtype: str
+    adapter: str
+    form: str
+    out: str
+    source: str
+    every_subset: int = 1  # 0 (quick): all inputs trainable, all but result (a first layer), none
+
+    @property
+    def label(self):
+        d = self.dtype if self.adapter == self.dtype else f"{self.dtype}+{self.adapter}"
+        return (f"conv {'x'.join(map(str, self.shape))} {self.layout} {d}{f'->{self.out}' if self.out else ''} "
+                f"{self.form}")
+
+
+def conv_cases(quick: bool = False) -> list:
+    """``ConvCase``s; ``quick``: the bench shape, QUICK's dtype pairs, the bias-in-result and dropout forms."""
+    shapes = [(CONV_BENCH, "nchw", "bench"), (CONV_BENCH, "channels_last", "bench")]
+    pairs, forms = (QUICK["dtypes"], CONV_FORMS[::3]) if quick else (DTYPE_PAIRS, CONV_FORMS)
+    if not quick:
+        shapes += [(s, lay, "coverage") for s, lay in CONV_SHAPES]
+    out = []
+    for (shape, layout, source), (d, a), form in itertools.product(shapes, pairs, forms):
+        if form == "dropout" and d != a:
+            continue
+        for o in ("", d) if d != a else ("",):
+            out.append(ConvCase(shape, layout, d, a, form, o, source, int(not quick)))
+    return out
+
+
+def _record_conv(case: ConvCase, arch: int) -> list:
+    """The launches of a ``ConvCase``'s forward and backward, once for every subset of its trainable
+    inputs (three of them without ``every_subset``)."""
+    from dora_kernels import conv, runtime
+
+    dt, adt = DTYPES[case.dtype], DTYPES[case.adapter]
+    N, C, *S = case.shape
+    dev = "meta"
+
+    def act(dtype):  # (N, C, *S), channels innermost for channels_last
+        if case.layout == "channels_last":
+            return torch.empty((N, *S, C), device=dev, dtype=dtype).movedim(-1, 1)
+        return torch.empty(case.shape, device=dev, dtype=dtype)
+
+    t = {"result": act(dt), "lora": act(adt), "magnitude": torch.empty((1, C) + (1,) * len(S), device=dev, dtype=adt)}
+    if case.form == "dropout":
+        t["base"] = act(dt)
+    elif case.form != "no-bias":
+        t["bias"] = torch.empty(C, device=dev, dtype=dt)
+    norm = torch.empty(C, device=dev)
+    out_dtype = DTYPES[case.out] if case.out else None
+    launches = []
+    with runtime.trace_target((arch // 10, arch % 10), SMS.get(arch, 132)), runtime.recording(launches.append):
+        subsets = [s for k in range(len(t) + 1) for s in itertools.combinations(t, k)] if case.every_subset \
+            else [tuple(t), tuple(n for n in t if n != "result"), ()]
+        for trains in subsets:
+            x = {n: v.detach().requires_grad_(n in trains) for n, v in t.items()}
+            if case.form == "dropout":
+                y = conv.dora_conv_dropout(x["result"], x["base"], x["lora"], x["magnitude"], norm, 2.0,
+                                           out_dtype=out_dtype)
+            else:
+                y = conv.dora_conv_scale(x["result"], x["lora"], x["magnitude"], norm, 2.0, x.get("bias"),
+                                         bias_in_result=case.form == "bias-in-result", out_dtype=out_dtype)
+            if y.requires_grad:
+                y.backward(torch.empty_like(y))
+    return launches
+
+
 def cases(quick: bool = False) -> list:
     if quick:
         q = QUICK
         quant = [Case(fi, fo, n, 16, "bf16", "bf16", *fl, "bench", 0, 0, fmt) for (fi, fo) in q["shapes"]
                  for n in q["tokens"] for fl in q["flags"] for fmt in QUANT_FORMATS]
-        return _grid("bench", q["shapes"], q["tokens"], q["ranks"], q["dtypes"], q["flags"]) + quant
+        return (_grid("bench", q["shapes"], q["tokens"], q["ranks"], q["dtypes"], q["flags"]) + quant
+                + conv_cases(quick=True))
     return (_grid("bench", BENCH_SHAPES, BENCH_TOKENS, BENCH_RANKS, DTYPE_PAIRS)
             + _grid("coverage", COVER_SHAPES, COVER_TOKENS, COVER_RANKS, DTYPE_PAIRS)
             + _grid("coverage", COVER_SHAPES, EDGE_TOKENS, EDGE_RANKS, ALL_PAIRS, tf32=(0, 1))
             + _grid("coverage", BENCH_SHAPES[:1] + COVER_SHAPES, EDGE_TOKENS, FROZEN_A_RANKS, DTYPE_PAIRS,
                     flags=FROZEN_A_FLAGS, frozen_a=1)
-            + _quant_grid() + _dvora_cases())
+            + _quant_grid() + _dvora_cases() + conv_cases())
 
 
 def record(case: Case, arch: int) -> list:
     """The ``Launch`` records (kernel + actual arguments) of one training step and one eval
     forward of the fused op for ``case``, planned for sm_<arch>."""
+    if isinstance(case, ConvCase):
+        return _record_conv(case, arch)
     if case.dvora:
         return _record_dvora(case, arch)
     dt, adt = DTYPES[case.dtype], DTYPES[case.adapter]

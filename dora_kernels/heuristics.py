@@ -402,3 +402,40 @@ def dvora_sum_config(*, M: int, R: int, block_m: int) -> Config:
     (``block_m``: its rows a partial), 32 partials a step."""
     br = _pow2(R, 16, 64)
     return Config({"BLOCK_M": block_m, "BLOCK_T": 32, "BLOCK_R": br, "num_warps": 4}, (cdiv(R, br),))
+
+
+# ---------------------------------------------------------------------------------------------
+# DoRA's combination on convolutions (``kernels_conv``): elementwise passes over (N, C, S) views
+
+# elements of one tile: 4 a thread at 16 warps (16 a thread at 4 warps took 150-255 registers, 8 at 8 warps
+# spilled 8-16 bytes on sm_90/sm_120 where odd sizes keep the fp16 loads from vectorising)
+CONV_TILE = 2048
+
+
+def conv_config(*, N: int, C: int, S: int, channels_inner: bool, num_sms: int, reduce: bool = False) -> Config:
+    """``_conv_fwd_kernel`` and (``reduce``) ``_conv_bwd_kernel``: tiles of ``CONV_TILE`` elements,
+    BLOCK_C channels × BLOCK_S positions of one batch element, wide along the unit-stride dim
+    (``channels_inner``: channels_last; else positions): 256 positions (64 for S < 192, 16 for
+    S < 48), or 64 channels (16 for C < 48). The forward takes one tile a program; the backward's
+    programs take TILES_PER_PROG consecutive tiles of a channel block each, about 8 programs an SM
+    over all channel blocks (two waves of 16-warp programs), and each writes one row of the (T, C) partials.
+    ``sizes``: ``TILES`` (N · ⌈S / BLOCK_S⌉), and with ``reduce`` ``T`` and ``TILES_PER_PROG``."""
+    if channels_inner:
+        bc = 64 if C >= 48 else 16
+        bs = CONV_TILE // bc
+    else:
+        bs = 256 if S >= 192 else (64 if S >= 48 else 16)
+        bc = CONV_TILE // bs
+    meta = {"BLOCK_C": bc, "BLOCK_S": bs, "num_warps": 16, "num_stages": 1}
+    tiles = N * cdiv(S, bs)
+    blocks_c = cdiv(C, bc)
+    if not reduce:
+        return Config(meta, (tiles, blocks_c), {"TILES": tiles})
+    per_prog = max(1, cdiv(tiles, max(1, min(tiles, cdiv(8 * num_sms, blocks_c)))))
+    T = cdiv(tiles, per_prog)
+    return Config(meta, (T, blocks_c), {"TILES": tiles, "T": T, "TILES_PER_PROG": per_prog})
+
+
+def conv_sum_config(*, C: int) -> Config:
+    """``_conv_sum_kernel``: 256 channels a program."""
+    return Config({"BLOCK": 256, "num_warps": 4}, (cdiv(C, 256),))

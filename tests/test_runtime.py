@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dora_kernels
-from dora_kernels import backend, kernels, kernels_dvora, runtime
+from dora_kernels import backend, kernels, kernels_conv, kernels_dvora, runtime
 from dora_kernels.testing import DEVICE
 
 
@@ -80,8 +80,8 @@ def test_bind_errors_name_the_argument(args, meta, msg):
 
 def test_every_kernel_takes_its_flags_from_its_tensors():
     """Each optional tensor of a kernel has its HAS_ flag and vice versa, except the mode flags."""
-    modes = {"HAS_DROPOUT"}
-    for module, name in [(m, n) for m in (kernels, kernels_dvora) for n in dir(m)]:
+    modes = {"HAS_DROPOUT", "HAS_BIAS_IN_RESULT"}  # (the conv combination whose result holds the bias)
+    for module, name in [(m, n) for m in (kernels, kernels_conv, kernels_dvora) for n in dir(m)]:
         k = getattr(module, name)
         if not name.endswith("_kernel"):
             continue
@@ -92,7 +92,8 @@ def test_every_kernel_takes_its_flags_from_its_tensors():
         # (WQ: the format of a quantised W0, QDT: its dtype)
         assert all(n.startswith(("BLOCK", "HAS_", "UPCAST", "LORA_F32", "SPLIT", "PREC", "EPI_PREC", "GROUP_N",
                                  "G_REDO", "WQ", "QDT")) for n in names if n.isupper() and n not in
-                   {"N", "M", "K", "R", "S", "TA", "TB", "RK", "MR", "TOK_PER_PROG", "COL_PER_PROG"}), name
+                   {"N", "M", "K", "R", "S", "TA", "TB", "RK", "MR", "TOK_PER_PROG", "COL_PER_PROG",
+                    "C", "T", "TILES", "TILES_PER_PROG"}), name
 
 
 # ---------------------------------------------------------------------------------------------
