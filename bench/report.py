@@ -11,13 +11,18 @@ peak_mem                    MiB       GPU: peak allocated during a step, above w
 saved_mem                   MiB       bytes saved for backward + output (``bench.timing``)
 speedup_vs_peft_dora        x         PEFT DoRA time / this provider's time   (higher is better)
 speedup_vs_peft_lora        x         PEFT LoRA time / this provider's time   (≥ 1: no slower)
+speedup_vs_peft_vera        x         PEFT VeRA time / this variant's time (the model figure)
 over_floor                  x         this provider's time / the frozen nn.Linear's time
 mem_vs_peft_lora            x         this provider's step memory / PEFT LoRA's (peak on GPU,
                                       saved on CPU)
+over_fused                  x         the model figure: this variant's step time / ``fused``'s
+                                      (fused DoRA at the preset's r)
+trainable_params            params    the model figure: parameters with requires_grad
 ==========================  ========  =========================================================
 
-Ratios are given for ``fused`` and ``fused_peft`` (the model figure: ``fused``); their p20/p80
-pair the numerator's p20/p80 with the denominator's p80/p20 (a conservative band).
+Ratios are given for ``fused`` and ``fused_peft`` (the model figure: the fused variants, each
+against the PEFT variants at its own rank, and ``over_fused``); their p20/p80 pair the
+numerator's p20/p80 with the denominator's p80/p20 (a conservative band).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ def ratios(res: dict, provider: str, mode: str, *, mem_key: str) -> dict:
     if me is None:
         return out
     t = me["time"]
-    for peer, metric in (("peft_dora", "speedup_vs_peft_dora"), ("peft_lora", "speedup_vs_peft_lora")):
+    for peer, metric in (("peft_dora", "speedup_vs_peft_dora"), ("peft_lora", "speedup_vs_peft_lora"),
+                         ("peft_vera", "speedup_vs_peft_vera")):
         other = res.get((peer, mode))
         if other is not None:
             o = other["time"]
@@ -148,20 +154,68 @@ def case_table(title: str, res: dict, providers: list, modes: list, flops: dict,
     return "\n".join([title] + _grid(header, body))
 
 
+# the model figure's ratios: (metric, column title, the variant it divides by)
+MODEL_RATIOS = [
+    ("speedup_vs_peft_dora", "×PEFT-DoRA", "peft_dora"),
+    ("speedup_vs_peft_lora", "×PEFT-LoRA", "peft_lora"),
+    ("speedup_vs_peft_vera", "×PEFT-VeRA", "peft_vera"),
+    ("over_fused", "/fused", "fused"),
+    ("mem_vs_peft_lora", "mem/LoRA", "peft_lora"),
+]
+
+
+VERA_VARIANTS = ("fused_dvora", "peft_vera")  # the model figure's VeRA family; the others are LoRA/DoRA
+
+
+def model_ratios(res: dict, variant: str, *, mem_key: str) -> dict:
+    """{metric: (median, p20, p80)} of model variant ``variant`` (``res[v] = {"time", mem_key, "r",
+    ...}``, ``bench.model.run``): its speedups and memory against the PEFT variants of its own
+    family (PEFT DoRA/LoRA for the DoRA variants, PEFT VeRA for DVoRA) at its own rank, and
+    ``over_fused``, its step time over ``fused``'s (fused DoRA at the preset's r, the DVoRA
+    target's denominator) for every other variant."""
+    me = res.get(variant)
+    if me is None:
+        return {}
+    peers = {m: peer for m, _, peer in MODEL_RATIOS}
+
+    def alike(peer):  # the same method family (LoRA/DoRA or VeRA/DVoRA) at the same rank
+        return (peer in VERA_VARIANTS) == (variant in VERA_VARIANTS) and res[peer].get("r") == me.get("r")
+    out = {m: v for m, v in ratios({(k, "step"): x for k, x in res.items()}, variant, "step", mem_key=mem_key).items()
+           if m in peers and alike(peers[m])}
+    fused = res.get("fused")
+    if fused is not None and variant != "fused":
+        t, f = me["time"], fused["time"]
+        out["over_fused"] = (t[0] / f[0], t[1] / f[2], t[2] / f[1])
+    return out
+
+
+def count(n) -> str:
+    """A parameter count in short form: 8448 → 8.45k, 1198464 → 1.2M."""
+    if n is None:
+        return "—"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
 def model_table(title: str, res: dict, variants: list, *, mem_key: str, mem_label: str) -> str:
-    header = ["variant", "step ms", "p20", "p80", f"{mem_label} MiB", "×PEFT-DoRA", "×PEFT-LoRA", "mem/LoRA"]
+    """Per variant: its rank, trainable parameters, step time (median, p20, p80), memory and the
+    ratios of ``model_ratios`` (a column only where some variant has it)."""
+    rats = {v: model_ratios(res, v, mem_key=mem_key) for v in variants}
+    cols = [(m, label) for m, label, _ in MODEL_RATIOS if any(m in r for r in rats.values())]
+    header = ["variant", "r", "trainable", "step ms", "p20", "p80", f"{mem_label} MiB"] + [c for _, c in cols]
     body = []
     for v in variants:
         r = res.get(v)
         if r is None:
-            body.append([v] + ["—"] * 7)
+            body.append([v] + ["—"] * (len(header) - 1))
             continue
-        rat = ratios({(k, "step"): x for k, x in res.items()}, v, "step", mem_key=mem_key)
         mem = r.get(mem_key)
-        body.append([v, fmt(r["time"][0]), fmt(r["time"][1]), fmt(r["time"][2]),
+        body.append([v, r.get("r", "—"), f"{r['trainable']:,}" if r.get("trainable") is not None else "—",
+                     fmt(r["time"][0]), fmt(r["time"][1]), fmt(r["time"][2]),
                      fmt(mem / MiB) if mem is not None else "—"]
-                    + [fmt(rat[k][0], 3) if k in rat else "—"
-                       for k in ("speedup_vs_peft_dora", "speedup_vs_peft_lora", "mem_vs_peft_lora")])
+                    + [fmt(rats[v][m][0], 3) if m in rats[v] else "—" for m, _ in cols])
     return "\n".join([title] + _grid(header, body))
 
 
@@ -239,24 +293,37 @@ def plot_ratios(rows: list, path: str) -> str | None:
     return None
 
 
+MODEL_COLORS = {"fused": "tab:green", "peft_dora": "tab:red", "peft_lora": "tab:blue", "fused_dvora": "tab:purple",
+                "peft_vera": "tab:orange"}  # fused_r<R>: olive
+
+
+def model_label(v: str, r: dict) -> str:
+    """A bar's label: the variant, its rank and trainable parameters (``count``)."""
+    return f"{v}\nr={r.get('r', '?')}\n{count(r.get('trainable'))} trainable"
+
+
 def plot_model(title: str, res: dict, variants: list, path: str, *, mem_key: str, mem_label: str) -> str | None:
-    """model.png: step time and memory of each model variant (bars, p20–p80 whiskers)."""
+    """model.png: step time and memory of each model variant (bars, p20–p80 whiskers), each bar
+    labelled with the variant's rank and trainable parameters."""
     plt = _pyplot()
     if plt is None:
         return "matplotlib is not installed: no model plot"
     vs = [v for v in variants if v in res]
     if not vs:
         return "no model result to plot"
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(9.0, 2.0 * len(vs)), 3.8))
+    labels = [model_label(v, res[v]) for v in vs]
+    colors = [MODEL_COLORS.get(v, "tab:olive") for v in vs]
     med = [res[v]["time"][0] for v in vs]
     err = [[m - res[v]["time"][1] for v, m in zip(vs, med)], [res[v]["time"][2] - m for v, m in zip(vs, med)]]
-    a1.bar(vs, med, yerr=err, color=["tab:green", "tab:red", "tab:blue"][:len(vs)], capsize=3)
+    a1.bar(labels, med, yerr=err, color=colors, capsize=3)
     a1.set_ylabel("step time (ms)")
     mems = [(res[v].get(mem_key) or 0) / MiB for v in vs]
-    a2.bar(vs, mems, color=["tab:green", "tab:red", "tab:blue"][:len(vs)])
+    a2.bar(labels, mems, color=colors)
     a2.set_ylabel(f"{mem_label} (MiB)")
     for ax in (a1, a2):
         ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -78,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--model", action="store_true", help="run only the model-level figure")
     g.add_argument("--no-model", action="store_true", help="skip the model-level figure")
     p.add_argument("--model-preset", choices=["tiny", "mini", "small"], help="model size (default by device)")
+    p.add_argument("--model-variants", type=_names,
+                   help="comma list of the model figure's variants: fused, peft_dora, peft_lora (LoRA/DoRA at r=16), "
+                        "fused_dvora, peft_vera (DVoRA / PEFT VeRA at --model-dvora-r), fused_r<R> (fused DoRA at "
+                        "rank R); default all five and fused_r<--model-dvora-r>")
+    p.add_argument("--model-dvora-r", type=int,
+                   help="rank of the model figure's fused_dvora and peft_vera (default 256, the trace's DVORA_R)")
     p.add_argument("--warmup-ms", type=float, help="warm-up time per measurement (GPU 25, CPU 20)")
     p.add_argument("--rep-ms", type=float, help="timed time per measurement (GPU 100, CPU 150, CPU --quick 100)")
     p.add_argument("--min-reps", type=int, default=5, help="CPU: at least this many timed calls")
@@ -420,41 +426,67 @@ class Runner:
         self.emit()
 
     # -- the model figure ----------------------------------------------------------------------
-    def run_model(self, rows, preset_name, dtype, out_dir):
+    def run_model(self, rows, preset, variants, dtype, out_dir):
+        """The model figure (``bench.model``) of ``variants`` on ``preset``: a table, rows with
+        mode ``model-step`` (r the variant's; its trainable parameters as ``trainable_params``),
+        model.png."""
         from . import model as M
 
-        preset = M.PRESETS[preset_name]
         for mod in ("transformers", "peft"):
             try:
                 __import__(mod)
             except ImportError as e:
                 self.note(f"model figure skipped: {mod} is not installed ({e})")
                 return
+        by_rank = {}
+        for v in variants:
+            by_rank.setdefault(M.rank(preset, v), []).append(v)
+        ranks = "; ".join(f"r={r}: {'/'.join(vs)}" for r, vs in by_rank.items())
         title = (f"── model step: {preset.name} (LlamaForCausalLM, {preset.layers} layers, hidden {preset.hidden}, "
                  f"intermediate {preset.intermediate}, batch {preset.batch} × seq {preset.seq}, "
-                 f"{P.short_dtype(dtype)}), adapters r={preset.r} on q/k/v/o/gate/up/down ──")
+                 f"{P.short_dtype(dtype)}), adapters on q/k/v/o/gate/up/down ({ranks}) ──")
         self.emit(title)
-        res = M.run(preset, M.VARIANTS, dtype, self.device, on_note=self.note, **self.timing())
+        res = M.run(preset, variants, dtype, self.device, on_note=self.note, **self.timing())
         mem_key, mem_label = ("peak", "peak") if self.device == "cuda" else ("saved", "saved")
-        self.emit(R.model_table("", res, list(M.VARIANTS), mem_key=mem_key, mem_label=mem_label).lstrip("\n"))
+        self.emit(R.model_table("", res, list(variants), mem_key=mem_key, mem_label=mem_label).lstrip("\n"))
         self.emit()
         common = dict(name=preset.name, mode="model-step", tokens=preset.batch * preset.seq,
-                      in_features=preset.hidden, out_features=preset.intermediate, r=preset.r,
+                      in_features=preset.hidden, out_features=preset.intermediate,
                       dtype=P.short_dtype(dtype), adapter_dtype="fp32" if dtype != torch.float64 else "fp64")
         for v, x in res.items():
             med, p20, p80 = x["time"]
-            rows.add(provider=v, metric="time", unit="ms", median=med, p20=p20, p80=p80, **common)
+            at = dict(common, provider=v, r=x["r"])
+            rows.add(metric="time", unit="ms", median=med, p20=p20, p80=p80, **at)
             if x.get("peak") is not None:
-                rows.add(provider=v, metric="peak_mem", unit="MiB", median=x["peak"] / R.MiB, **common)
-            rows.add(provider=v, metric="saved_mem", unit="MiB", median=x["saved"] / R.MiB, **common)
-        keyed = {(k, "step"): x for k, x in res.items()}
-        for metric, (med, p20, p80) in R.ratios(keyed, "fused", "step", mem_key=mem_key).items():
-            rows.add(provider="fused", metric=metric, unit="x", median=med, p20=p20, p80=p80, **common)
+                rows.add(metric="peak_mem", unit="MiB", median=x["peak"] / R.MiB, **at)
+            rows.add(metric="saved_mem", unit="MiB", median=x["saved"] / R.MiB, **at)
+            rows.add(metric="trainable_params", unit="params", median=x["trainable"], **at)
+            if v.startswith("fused"):  # the ratios of the fused variants, as the layer sweep gives fused's
+                for metric, (med, p20, p80) in R.model_ratios(res, v, mem_key=mem_key).items():
+                    rows.add(metric=metric, unit="x", median=med, p20=p20, p80=p80, **at)
         if not self.args.no_plot and res:
-            why = R.plot_model(title.strip("─ "), res, list(M.VARIANTS), os.path.join(out_dir, "model.png"),
+            why = R.plot_model(title.strip("─ "), res, list(variants), os.path.join(out_dir, "model.png"),
                                mem_key=mem_key, mem_label=f"{mem_label} memory")
             if why:
                 self.note(why)
+
+
+def _model_plan(args, default_preset: str):
+    """(preset, variants) of the model figure from ``--model-preset``, ``--model-dvora-r`` and
+    ``--model-variants``; ValueError for an unknown variant or a rank below 1."""
+    import dataclasses
+
+    from . import model as M
+
+    preset = M.PRESETS[args.model_preset or default_preset]
+    if args.model_dvora_r is not None:
+        if args.model_dvora_r < 1:
+            raise ValueError(f"--model-dvora-r {args.model_dvora_r}: a rank is at least 1")
+        preset = dataclasses.replace(preset, dvora_r=args.model_dvora_r)
+    variants = tuple(dict.fromkeys(args.model_variants or M.default_variants(preset)))
+    for v in variants:
+        M.rank(preset, v)
+    return preset, variants
 
 
 def main(argv=None) -> int:
@@ -497,6 +529,13 @@ def _main(args) -> int:
         print(f"error: unknown mode/provider {', '.join(bad)} (modes: {', '.join(ALL_MODES)}; providers: "
               f"{', '.join(P.PROVIDERS + QDORA_PROVIDERS)})", file=sys.stderr)
         return 2
+
+    if not args.no_model:
+        try:
+            model_preset, model_variants = _model_plan(args, d.model_preset)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     if device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -580,7 +619,7 @@ def _main(args) -> int:
                             checkpoint()
 
     if not args.no_model:
-        run.run_model(rows, args.model_preset or d.model_preset, dtypes[0], out_dir)
+        run.run_model(rows, model_preset, model_variants, dtypes[0], out_dir)
 
     if not args.no_plot and not args.model:
         why = R.plot_ratios(rows.rows, os.path.join(out_dir, "ratios.png")) if rows.rows else "no rows to plot"
