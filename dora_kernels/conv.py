@@ -166,8 +166,11 @@ def _kernels_fit(result: Tensor, same_shape, magnitude: Tensor, norm: Tensor, dt
 
 
 def _choose(fits: bool, t: Tensor, on_triton, on_torch):
-    # (a backward with create_graph records its torch ops: the kernels' launches would not be)
-    return _run(t, on_triton, on_torch) if fits and not torch.is_grad_enabled() else on_torch()
+    # (a backward with create_graph records its torch ops: the kernels' launches would not be; code
+    # that torch.compile traces takes the torch ops too, which it can trace and fuse)
+    if not fits or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return on_torch()
+    return _run(t, on_triton, on_torch)
 
 
 def _channel_vectors(magnitude, norm, bias=None):

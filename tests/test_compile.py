@@ -170,3 +170,30 @@ def test_cuda_inductor_matches_eager(dtype):
     compiled = torch.compile(model, fullgraph=True)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     assert_all_close(step(compiled, x), step(model, x), **tol)
+
+
+def test_fused_peft_conv_and_embedding_compile_without_graph_break(backend):
+    """A PEFT model with DoRA Conv2d and Embedding layers, fused: ``torch.compile`` traces it whole
+    (fullgraph; traced code takes the torch ops of the combination and the norm, which the compiler
+    can trace and fuse, instead of the kernels' launches) and gives eager's numbers, which on the
+    Triton backend come from the kernels."""
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(6, 10, 3, padding=1)
+            self.emb = nn.Embedding(50, 12)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)).sum(1, keepdim=True) + self.emb(torch.arange(5, device=x.device)).sum()
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=4, target_modules=["conv", "emb"], use_dora=True,
+                                                       init_lora_weights=False)).to(backend)
+    dora_kernels.fuse(model)
+    assert len(dora_kernels.fused_layers(model)) == 2
+    x = torch.randn(2, 6, 9, 9, device=backend)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for i, (a, b) in enumerate(zip(step(compiled, x), step(model, x))):  # (fp32 roundings of two paths)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6 * b.abs().max().item(), msg=f"item {i}")
