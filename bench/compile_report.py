@@ -260,7 +260,7 @@ class ConvCase:
     form: str
     out: str
     source: str
-    every_subset: int = 1  # 0 (quick): all inputs trainable, all but result (a first layer), none
+    every_subset: int = 1  # 0: all inputs trainable, all but result (a first layer), none
 
     @property
     def label(self):
@@ -280,7 +280,10 @@ def conv_cases(quick: bool = False) -> list:
         if form == "dropout" and d != a:
             continue
         for o in ("", d) if d != a else ("",):
-            out.append(ConvCase(shape, layout, d, a, form, o, source, int(not quick)))
+            # every subset of trainable inputs on one small shape (every output flag of the backward
+            # with every dtype and form); three elsewhere (16 give 4x the compiles of this elementwise
+            # kernel, far from its register limits)
+            out.append(ConvCase(shape, layout, d, a, form, o, source, int(not quick and shape == CONV_SHAPES[0][0])))
     return out
 
 
