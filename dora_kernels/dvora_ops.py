@@ -201,7 +201,8 @@ def frozen_cast(src: Tensor, dtype=None, device=None) -> Tensor:
     dtype = src.dtype if dtype is None else dtype
     device = src.device if device is None else torch.device(device)
     if (src.requires_grad or (src.dtype == dtype and src.device == device) or src.is_inference()
-            or torch.compiler.is_compiling()):
+            or torch.is_inference_mode_enabled() or torch.compiler.is_compiling()):
+        # (a copy made under inference mode is an inference tensor: kept, training could not save it)
         return src.to(device=device, dtype=dtype)
     key = (id(src), dtype, device)
     stamp = _stamp(src)

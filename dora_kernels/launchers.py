@@ -49,8 +49,9 @@ def _upcast(dtype) -> bool:
     return INTERPRET and dtype in HALF
 
 
-def _lora_f32(x_dtype, a_dtype) -> bool:
-    return INTERPRET or x_dtype not in HALF or a_dtype != x_dtype
+def _lora_f32(x_dtype, a_dtype, b_dtype=None) -> bool:
+    # (B in another dtype than A: the B·A dots take fp32 operands, as tl.dot needs one dtype)
+    return INTERPRET or x_dtype not in HALF or a_dtype != x_dtype or (b_dtype is not None and b_dtype != a_dtype)
 
 
 def offsets_fit_int32(t: torch.Tensor) -> bool:
@@ -174,7 +175,7 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
     cfg = H.norm_config(M=M, dtype=weight.dtype, arch=arch, has_wa=with_wa, wq=_wq(weight))
     w_args, w_meta, w_reads = _w0_operands(weight)
     meta = dict(cfg.meta, UPCAST=_upcast(weight.dtype) or _upcast(lora_A.dtype),
-                LORA_F32=_lora_f32(weight.dtype, lora_A.dtype), PREC=_prec(), **w_meta)
+                LORA_F32=_lora_f32(weight.dtype, lora_A.dtype, lora_B.dtype), PREC=_prec(), **w_meta)
     launch(K_._norm_kernel, cfg.grid, meta, flops=2 * M * K * R * (2 if with_wa else 1) + 3 * M * K,
            vector_flops=_dequant_flops(weight, 1, 1), reads=w_reads + [lora_A, lora_B],
            writes=[norm] + ([wa] if with_wa else []),
@@ -223,7 +224,7 @@ def _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa):
                             fp32_dots=x.dtype not in HALF or lora_A.dtype != x.dtype)
     T = cfg.sizes["T"]  # (token blocks: each makes the norm of its rows again)
     w_args, w_meta, w_reads = _w0_operands(weight)
-    meta = dict(cfg.meta, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype), LORA_F32=_lora_f32(x.dtype, lora_A.dtype),
+    meta = dict(cfg.meta, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype), LORA_F32=_lora_f32(x.dtype, lora_A.dtype, lora_B.dtype),
                 PREC=_prec(), EPI_PREC=_epi_prec(), **w_meta)
     launch(K_._fwd_norm_kernel, cfg.grid, meta,
            flops=T * (2 * M * K * R + 3 * M * K) + 2 * N * M * K + (2 * N * M * R if xa is not None else 0) + 3 * N * M,

@@ -79,7 +79,8 @@ def weight_norm(weight, lora_A, lora_B, scaling: float, *, with_wa: bool = False
         if isinstance(weight, quant.QuantWeight):
             return quant.weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
     if torch.compiler.is_compiling():  # (traced by torch.compile: the torch path, which it can trace)
-        return torch_path.weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
+        with torch.no_grad():  # (a constant, as the kernels' norm)
+            return torch_path.weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
     return _call("weight_norm", weight, weight, lora_A, lora_B, scaling, with_wa=with_wa)
 
 

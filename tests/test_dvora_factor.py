@@ -152,7 +152,8 @@ def test_frozen_cast_reuses_its_copy_until_the_source_changes():
     c1 = dvora_ops.frozen_cast(A, BF16)
     assert c1.dtype == BF16 and torch.equal(c1, A.to(BF16))
     assert dvora_ops.frozen_cast(A, BF16) is c1
-    assert dvora_ops.frozen_cast(A, F16) is not c1  # one copy per dtype
+    c16 = dvora_ops.frozen_cast(A, F16)  # one copy per dtype, kept side by side
+    assert c16.dtype == F16 and dvora_ops.frozen_cast(A, BF16) is c1 and dvora_ops.frozen_cast(A, F16) is c16
     assert dvora_ops.frozen_cast(A) is A and dvora_ops.frozen_cast(A, F32, A.device) is A  # nothing to cast
 
     with torch.no_grad():
@@ -231,3 +232,16 @@ def test_layer_casts_A_once_and_follows_changes_to_it(monkeypatch):
         A_new = model.base_model.vera_A["default"]
         y4 = layer(x)
         assert torch.equal(seen[-1], A_new[:8, :12].to(BF16)) and torch.equal(y4, expected(A_new))
+
+
+def test_frozen_cast_under_inference_mode_keeps_no_inference_copy():
+    """A first cast inside ``torch.inference_mode`` (an eval loop before training) is not kept: its
+    copy is an inference tensor, which a later training step could not save for backward."""
+    A = torch.randn(6, 10, device=DEVICE)
+    with torch.inference_mode():
+        assert dvora_ops.frozen_cast(A, BF16).is_inference()
+    c = dvora_ops.frozen_cast(A, BF16)
+    assert not c.is_inference()
+    lam = torch.rand(6, device=DEVICE, dtype=BF16, requires_grad=True)
+    (c.T @ lam).float().sum().backward()  # saves c for backward
+    assert lam.grad is not None
