@@ -91,16 +91,19 @@ def test_it_computes_the_op(N, R, dt, adt, bias, need_xa, launched):
         assert "_fwd_norm_kernel" in launched and "_norm_kernel" not in launched, launched
         y2, _, u2, norm2, _ = launchers.dora_forward(x, w, A, B, m, s, b, need_u=True)  # norm, xa, fwd kernels
     assert u is None and wa is None and u2 is not None
-    torch.testing.assert_close(norm, norm2, rtol=4 * 2.0**-23, atol=0)
+    d = [t.double() if t is not None else None for t in (x, w, A, B, m, b)]
+    scale = term_scales(*d[:5], s, d[5], torch.zeros(N, M, dtype=torch.float64))["y"]  # Σ|terms| of y
+    # The two kernels step over K in other blocks: the fp32 sums differ by their rounding, bounded by
+    # K·2⁻²⁴ of a sum of squares (the norm) and by a few fp32 ulps of Σ|terms| (y; then y's own rounding).
+    torch.testing.assert_close(norm, norm2, rtol=K * 2.0**-24, atol=0)
     ulp = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dt]
     if not via_v:
-        torch.testing.assert_close(y.float(), y2.float(), rtol=2 * ulp, atol=2 * ulp * y2.float().abs().max().item())
+        torch.testing.assert_close(y.float(), y2.float(), rtol=2 * ulp,
+                                   atol=2 * ulp * y2.float().abs().max().item() + 8 * 2.0**-23 * scale.max().item())
 
     ref = torch_path.dora_forward(x, w, A, B, m, s, b, need_u=False)[0]
-    d = [t.double() if t is not None else None for t in (x, w, A, B, m, b)]
     n64 = torch.linalg.vector_norm(d[1] + s * d[3] @ d[2], dim=1)
     y64 = (m.double() / n64) * (d[0] @ d[1].T + s * (d[0] @ d[2].T) @ d[3].T) + (d[5] if bias else 0)
-    scale = term_scales(*d[:5], s, d[5], torch.zeros(N, M, dtype=torch.float64))["y"]
     assert_close_to_f64(y, ref, y64, name="y", scale=scale)
     assert_close_to_f64(norm, torch_path.weight_norm(w, A, B, s)[0], n64, name="norm", dtype=torch.float32)
 

@@ -560,7 +560,7 @@ def test_forward_makes_the_norm_in_its_pass_over_the_codes(fmt, tokens, dt, need
         assert cfgs[-1].sizes["T"] == (2 if tokens == 130 else 1), cfgs[-1]
         y2, _, _, norm2, _ = launchers.dora_forward(x, quant.packed(qw), A, B, m, 1.5, bias, need_u=True)
     assert "_norm_kernel" in names and "_fwd_kernel" in names
-    torch.testing.assert_close(norm, norm2, rtol=4 * 2.0**-23, atol=0)
+    torch.testing.assert_close(norm, norm2, rtol=IN * 2.0**-24, atol=0)  # (other K steps: a reordered sum of squares)
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dt]
     torch.testing.assert_close(y, y2, rtol=tol, atol=tol)
 
