@@ -54,6 +54,11 @@ def _lora_f32(x_dtype, a_dtype, b_dtype=None) -> bool:
     return INTERPRET or x_dtype not in HALF or a_dtype != x_dtype or (b_dtype is not None and b_dtype != a_dtype)
 
 
+def _fp32_dots(x_dtype, a_dtype) -> bool:
+    # The rank-r products run as fp32 dots: fp32 x, or adapters of another dtype than a 16-bit x.
+    return x_dtype not in HALF or a_dtype != x_dtype
+
+
 def offsets_fit_int32(t: torch.Tensor) -> bool:
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0) < 2**31
 
@@ -201,7 +206,7 @@ def _xa(x, lora_A, *, dropout_p, dropout_seed):
     arch, _ = target(x)
     split = _split(x.dtype) and lora_A.dtype != x.dtype
     # fp32 dots (tf32x3) unless x and A are the same 16-bit dtype or the split path runs
-    fp32_dots = (x.dtype not in HALF or lora_A.dtype != x.dtype) and not split
+    fp32_dots = _fp32_dots(x.dtype, lora_A.dtype) and not split
     cfg = H.xa_config(N=N, R=R, dtype=x.dtype, arch=arch, fp32_dots=fp32_dots)
     meta = dict(cfg.meta, HAS_DROPOUT=dropout_p > 0, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype),
                 LORA_F32=_lora_f32(x.dtype, lora_A.dtype), SPLIT=split, PREC=_prec())
@@ -221,13 +226,13 @@ def _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa):
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
     arch, sms = target(x)
     cfg = H.fwd_norm_config(N=N, M=M, dtype=x.dtype, arch=arch, num_sms=sms, wq=_wq(weight),
-                            fp32_dots=x.dtype not in HALF or lora_A.dtype != x.dtype)
+                            fp32_dots=_fp32_dots(x.dtype, lora_A.dtype))
     T = cfg.sizes["T"]  # (token blocks: each makes the norm of its rows again)
     w_args, w_meta, w_reads = _w0_operands(weight)
-    meta = dict(cfg.meta, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype), LORA_F32=_lora_f32(x.dtype, lora_A.dtype, lora_B.dtype),
-                PREC=_prec(), EPI_PREC=_epi_prec(), **w_meta)
+    meta = dict(cfg.meta, UPCAST=_upcast(x.dtype) or _upcast(lora_A.dtype),
+                LORA_F32=_lora_f32(x.dtype, lora_A.dtype, lora_B.dtype), PREC=_prec(), EPI_PREC=_epi_prec(), **w_meta)
     launch(K_._fwd_norm_kernel, cfg.grid, meta,
-           flops=T * (2 * M * K * R + 3 * M * K) + 2 * N * M * K + (2 * N * M * R if xa is not None else 0) + 3 * N * M,
+           flops=T * (2 * M * K * R + 3 * M * K) + 2 * N * M * K + 3 * N * M + (2 * N * M * R if xa is not None else 0),
            vector_flops=_dequant_flops(weight, N, cfg.meta["BLOCK_N"]),
            reads=[x] + w_reads + [lora_A, lora_B] + ([xa] if xa is not None else []) + [magnitude]
            + ([bias] if bias is not None else []),
@@ -257,13 +262,12 @@ def dora_forward(x, weight, lora_A, lora_B, magnitude, scaling, bias, *, norm=No
     bias = bias.contiguous() if bias is not None else None
     wa = None
     if M and H.use_fwd_norm(N=N, wq=_wq(weight), has_dropout=dropout_p > 0, need_u=need_u, has_norm=norm is not None,
-                            with_wa=with_wa, fp32_dots=x.dtype not in HALF or lora_A.dtype != x.dtype):
-        if need_xa or lora_A.dtype != x.dtype:
-            xa = _xa(x, lora_A, dropout_p=0.0, dropout_seed=0)
-            y, norm = _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa)
-            return y, xa, None, norm, None
-        y, norm = _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, None)
-        return y, torch.empty((N, R), dtype=xa_dtype(lora_A.dtype), device=x.device), None, norm, None
+                            with_wa=with_wa, fp32_dots=_fp32_dots(x.dtype, lora_A.dtype)):
+        xa = _xa(x, lora_A, dropout_p=0.0, dropout_seed=0) if need_xa or lora_A.dtype != x.dtype else None
+        y, norm = _fwd_norm(x, weight, lora_A, lora_B, magnitude, scaling, bias, xa)
+        if xa is None:  # (unset: nothing reads it)
+            xa = torch.empty((N, R), dtype=xa_dtype(lora_A.dtype), device=x.device)
+        return y, xa, None, norm, None
     if norm is None or with_wa:
         norm, wa = weight_norm(weight, lora_A, lora_B, scaling, with_wa=with_wa)
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
