@@ -69,7 +69,9 @@ def _id(r):
 def test_every_kernel_and_arch_compiled(rows):
     kernels = {r["kernel"] for r in rows}
     assert {"_norm_kernel", "_xa_kernel", "_fwd_kernel", "_bwd_dy_kernel", "_dx_kernel", "_sum_partials_kernel",
-            "_dm_redo_kernel", "_mask_kernel", "_dequant_kernel", "_absmax_kernel"} <= kernels, kernels
+            "_dm_redo_kernel", "_mask_kernel", "_dequant_kernel", "_absmax_kernel", "_fwd_norm_kernel",
+            "_dvora_b_kernel", "_dvora_dlambda_kernel", "_dvora_sum_kernel", "_conv_fwd_kernel", "_conv_bwd_kernel",
+            "_conv_sum_kernel"} <= kernels, kernels
     assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}
     assert {r["dtype"] for r in rows} >= {f"{d}+{a}" if d != a else d for d, a in CR.ALL_PAIRS}
     assert any("PREC=tf32 " in r["config"] for r in rows) and any("PREC=tf32x3" in r["config"] for r in rows)
